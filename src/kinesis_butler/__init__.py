@@ -1,0 +1,1 @@
+"""kinesis-butler: consume Amazon Kinesis Data Streams with many workers, without the JVM."""

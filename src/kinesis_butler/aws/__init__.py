@@ -1,0 +1,1 @@
+"""The lean AWS JSON client: SigV4 signer, aiohttp transport, typed Kinesis operations."""

@@ -1,0 +1,1 @@
+"""Record retrieval: the RecordSource seam and its implementations."""
