@@ -78,6 +78,7 @@ class KinesisEmulator:
         shard_limit: the emulator's per-account shard cap (its default is 50).
         log_path: where the emulator's output goes (default: a file in the cache folder).
         operation_delay_ms: how long stream create/delete/reshard operations take.
+        extra_env: more kinesis-mock settings (e.g. ``SHOULD_PERSIST_DATA``).
     """
 
     def __init__(
@@ -87,12 +88,14 @@ class KinesisEmulator:
         shard_limit: int = 1000,
         log_path: Path | None = None,
         operation_delay_ms: int = 100,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.port = port or free_port()
         self.tls_port = free_port()
         self.shard_limit = shard_limit
         self.operation_delay_ms = operation_delay_ms
         self.log_path = log_path or cache_dir() / "logs" / f"kinesis-local-{self.port}.log"
+        self.extra_env = dict(extra_env or {})
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -128,6 +131,7 @@ class KinesisEmulator:
                     "DEREGISTER_STREAM_CONSUMER_DURATION",
                 )
             },
+            **self.extra_env,
         }
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
