@@ -61,11 +61,7 @@ def plan_takes(
     if need <= 0:
         return TakePlan((), target, len(live))
     unassigned = [lease for lease in active if lease.lease_owner is None]
-    stale = [
-        lease
-        for lease in active
-        if lease.lease_owner is not None and lease.lease_key in expired
-    ]
+    stale = [lease for lease in active if lease.lease_owner is not None and lease.lease_key in expired]
     shuffle = (rng or random).shuffle
     shuffle(unassigned)
     shuffle(stale)

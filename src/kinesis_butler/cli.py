@@ -36,24 +36,41 @@ def _parser() -> argparse.ArgumentParser:
 
     consume = commands.add_parser("consume", help="consume a stream until SIGINT/SIGTERM")
     consume.add_argument("--stream", required=True, help="stream name")
-    consume.add_argument("--app", required=True, help="application name (workers of one app share the shards)")
+    consume.add_argument(
+        "--app", required=True, help="application name (workers of one app share the shards)"
+    )
     consume.add_argument("--processor", required=True, help="pkg.module:func or pkg.module:ProcessorClass")
-    consume.add_argument("--store", default="sqlite:///kinesis-butler.db", help="lease store URL (default: %(default)s)")
-    consume.add_argument("--start-at", default="trim_horizon", help="trim_horizon | latest | at_timestamp:ISO8601")
+    consume.add_argument(
+        "--store", default="sqlite:///kinesis-butler.db", help="lease store URL (default: %(default)s)"
+    )
+    consume.add_argument(
+        "--start-at", default="trim_horizon", help="trim_horizon | latest | at_timestamp:ISO8601"
+    )
     consume.add_argument("--endpoint-url", help="Kinesis endpoint override (e.g. the local emulator)")
     consume.add_argument("--region", help="AWS region (default: the AWS config chain)")
     consume.add_argument("--worker-id", help="this worker's id in the lease table (default host:pid:random)")
-    consume.add_argument("--failover-time", type=float, default=10.0, help="lease failover seconds (default 10)")
-    consume.add_argument("--max-attempts", type=int, default=5, help="processor attempts per batch before the shard stops")
+    consume.add_argument(
+        "--failover-time", type=float, default=10.0, help="lease failover seconds (default 10)"
+    )
+    consume.add_argument(
+        "--max-attempts", type=int, default=5, help="processor attempts per batch before the shard stops"
+    )
     consume.add_argument("--quiet", action="store_true", help="no progress line")
 
     local = commands.add_parser("local", help="run the local Kinesis emulator in the foreground")
     local.add_argument("--port", type=int, default=4567, help="plain HTTP port (default %(default)s)")
-    local.add_argument("--create-stream", action="append", default=[], metavar="NAME:SHARDS",
-                       help="create a stream once the emulator is up (repeatable)")
+    local.add_argument(
+        "--create-stream",
+        action="append",
+        default=[],
+        metavar="NAME:SHARDS",
+        help="create a stream once the emulator is up (repeatable)",
+    )
 
     demo = commands.add_parser("demo", help="an end-to-end demo on the local emulator")
-    demo.add_argument("--records", type=int, default=3000, help="records to write per run (default %(default)s)")
+    demo.add_argument(
+        "--records", type=int, default=3000, help="records to write per run (default %(default)s)"
+    )
     demo.add_argument("--shards", type=int, default=4, help="shards of the demo stream (default %(default)s)")
     demo.add_argument("--dir", default=".demo", help="where the demo keeps its emulator data and leases")
     return parser

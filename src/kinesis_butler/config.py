@@ -87,7 +87,9 @@ class ConsumerConfig:
                 f"failover_time ({self.failover_time}), or leases expire between renewals"
             )
         if not 1 <= self.max_records <= 10_000:
-            raise ConfigError(f"max_records must be within 1..10000 (the GetRecords limit), got {self.max_records}")
+            raise ConfigError(
+                f"max_records must be within 1..10000 (the GetRecords limit), got {self.max_records}"
+            )
         if self.processor_max_attempts < 1:
             raise ConfigError(f"processor_max_attempts must be >= 1, got {self.processor_max_attempts}")
         if self.max_leases is not None and self.max_leases < 1:

@@ -22,7 +22,14 @@ from typing import Any, Protocol
 from kinesis_butler.aws.kinesis import KinesisClient
 from kinesis_butler.config import ConsumerConfig, default_worker_id
 from kinesis_butler.discovery import sync_shards
-from kinesis_butler.errors import ButlerError, ClosedError, ConfigError, LeaseLost, ResourceNotFound, StoreError
+from kinesis_butler.errors import (
+    ButlerError,
+    ClosedError,
+    ConfigError,
+    LeaseLost,
+    ResourceNotFound,
+    StoreError,
+)
 from kinesis_butler.leasing import HeldLease, LeaseCoordinator
 from kinesis_butler.lifecycle import ShardConsumer, ShardState
 from kinesis_butler.models import ExtendedSequenceNumber, Lease, Record, Shard, StartPosition
@@ -191,7 +198,9 @@ class AsyncConsumer:
                 await self.client.aclose()
             await self.store.aclose()
         if self.failures:
-            log.error("%d shard(s) stopped with errors: %s", len(self.failures), "; ".join(map(str, self.failures)))
+            log.error(
+                "%d shard(s) stopped with errors: %s", len(self.failures), "; ".join(map(str, self.failures))
+            )
 
     async def _graceful_shutdown(self, background: list[asyncio.Task[None]]) -> None:
         self.coordinator.taking = False
@@ -202,7 +211,11 @@ class AsyncConsumer:
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("%d shard(s) did not finish within %.0f s; cancelled", len(pending), self.config.shutdown_timeout)
+                log.warning(
+                    "%d shard(s) did not finish within %.0f s; cancelled",
+                    len(pending),
+                    self.config.shutdown_timeout,
+                )
                 await asyncio.gather(*pending, return_exceptions=True)
         for task in background:
             task.cancel()
@@ -210,6 +223,11 @@ class AsyncConsumer:
         for held in list(self.coordinator.held.values()):
             with contextlib.suppress(StoreError):
                 await self.coordinator.release(held)
+
+    async def wait_stopped(self) -> None:
+        """Wait until a consumer started with ``async with`` has stopped; raises its error."""
+        if self._run_task is not None:
+            await self._run_task
 
     def request_stop(self) -> None:
         """Ask for a graceful shutdown without waiting (safe from signal handlers)."""
@@ -256,14 +274,13 @@ class AsyncConsumer:
             raise
         except ButlerError as exc:
             self.failures.append(exc)
-            log.error("shard %s stopped: %s", consumer.shard_id, exc)
+            log.error("shard %s stopped: %s", consumer.shard_id, exc)  # noqa: TRY400 - known error, no traceback
             if isinstance(exc, ResourceNotFound):
                 self._stop.set()
         finally:
             if self.shards.get(consumer.shard_id) is consumer:
                 del self.shards[consumer.shard_id]
         if consumer.error is not None:
-            assert isinstance(consumer.error, ButlerError)
             self.failures.append(consumer.error)
 
     # -- async context manager and iterator API -----------------------------------------------
@@ -294,7 +311,8 @@ class AsyncConsumer:
     async def __anext__(self) -> Record:
         if self._pending:
             return self._pending.pop()
-        assert self._queue is not None
+        if self._queue is None:
+            raise ConfigError("iteration needs a consumer created without a processor")
         if self._run_task is None:
             raise ConfigError("use `async with consumer:` before iterating")
         while True:

@@ -71,83 +71,97 @@ async def _demo(endpoint: str, root: Path, count: int, shard_count: int) -> int:
     store_url = f"sqlite:///{root / 'leases.db'}"
     run_id = uuid.uuid4().hex[:8]
     async with KinesisClient(endpoint_url=endpoint, region="us-east-1") as client:
-        try:
-            summary = await client.describe_stream_summary(STREAM)
-            first_run = False
-            print(f"stream {STREAM} exists ({summary.open_shard_count} open shards): resuming from checkpoints")
-        except ResourceNotFound:
-            first_run = True
-            (root / "leases.db").unlink(missing_ok=True)  # checkpoints of a stream that is gone
-            await client.create_stream(STREAM, shard_count)
-            await client.wait_for_active(STREAM)
-            print(f"created stream {STREAM} with {shard_count} shards")
-
+        first_run = await _ensure_stream(client, root, shard_count)
         print(f"writing {count} records (run {run_id}) ...")
-        for start in range(0, count, 500):
-            entries = [
-                PutRecordsEntry(
-                    data=json.dumps({"run": run_id, "n": n}).encode(),
-                    partition_key=f"key-{n % 97}",
-                )
-                for n in range(start, min(count, start + 500))
-            ]
-            result = await client.put_records(STREAM, entries)
-            if result.failed_record_count:
-                raise ConfigError(f"the emulator rejected {result.failed_record_count} records")
-
-        seen_this_run: set[int] = set()
-        per_shard: dict[str, int] = {}
-        earlier = 0
-        duplicates = 0
-        progress = ProgressBar(count)
-        done = asyncio.Event()
-
-        async def process(batch: list[Record]) -> None:
-            nonlocal earlier, duplicates
-            for record in batch:
-                body = json.loads(record.data)
-                if body["run"] != run_id:
-                    earlier += 1
-                elif body["n"] in seen_this_run:
-                    duplicates += 1
-                else:
-                    seen_this_run.add(body["n"])
-            shard = batch[0].shard_id
-            per_shard[shard] = per_shard.get(shard, 0) + len(batch)
-            progress.update(len(batch))
-            if len(seen_this_run) >= count:
-                done.set()
-
+        await _write(client, run_id, count)
+        tally = _Tally(run_id, count)
         consumer = AsyncConsumer(
             STREAM,
             APP,
-            process,
+            tally.process,
             store=store_url,
             client=client,
             config=ConsumerConfig(idle_poll_interval=0.25, failover_time=6.0),
         )
         runner = asyncio.create_task(consumer.run())
-        waiter = asyncio.create_task(done.wait())
+        waiter = asyncio.create_task(tally.done.wait())
         await asyncio.wait({runner, waiter}, timeout=120, return_when=asyncio.FIRST_COMPLETED)
         consumer.request_stop()
         waiter.cancel()
         await runner
-        progress.close()
+        tally.progress.close()
 
-    await _print_table(store_url, per_shard)
-    if first_run:
-        print("first run: every shard started at TRIM_HORIZON")
-    elif earlier == 0:
-        print(f"resumed from the checkpoints: read only the {len(seen_this_run)} new records")
-    else:
-        print(
-            f"resumed from the checkpoints; {earlier} records written by an earlier, interrupted run "
-            "had never been checkpointed and were read now"
-        )
-    if duplicates:
-        print(f"{duplicates} records were delivered more than once")
-    print(f"processed {len(seen_this_run)} of {count} records")
-    return 0 if len(seen_this_run) == count and duplicates == 0 else 1
+    await _print_table(store_url, tally.per_shard)
+    return tally.report(first_run=first_run)
+
+
+async def _ensure_stream(client: KinesisClient, root: Path, shard_count: int) -> bool:
+    """Create the demo stream unless the emulator kept it from an earlier run. True if created."""
+    try:
+        summary = await client.describe_stream_summary(STREAM)
+    except ResourceNotFound:
+        (root / "leases.db").unlink(missing_ok=True)  # checkpoints of a stream that is gone
+        await client.create_stream(STREAM, shard_count)
+        await client.wait_for_active(STREAM)
+        print(f"created stream {STREAM} with {shard_count} shards")
+        return True
+    print(f"stream {STREAM} exists ({summary.open_shard_count} open shards): resuming from checkpoints")
+    return False
+
+
+async def _write(client: KinesisClient, run_id: str, count: int) -> None:
+    for start in range(0, count, 500):
+        entries = [
+            PutRecordsEntry(data=json.dumps({"run": run_id, "n": n}).encode(), partition_key=f"key-{n % 97}")
+            for n in range(start, min(count, start + 500))
+        ]
+        result = await client.put_records(STREAM, entries)
+        if result.failed_record_count:
+            raise ConfigError(f"the emulator rejected {result.failed_record_count} records")
+
+
+class _Tally:
+    """Counts what the demo's processor sees: this run's records, earlier ones, duplicates."""
+
+    def __init__(self, run_id: str, count: int) -> None:
+        self.run_id = run_id
+        self.count = count
+        self.seen: set[int] = set()
+        self.per_shard: dict[str, int] = {}
+        self.earlier = 0
+        self.duplicates = 0
+        self.progress = ProgressBar(count)
+        self.done = asyncio.Event()
+
+    async def process(self, batch: list[Record]) -> None:
+        for record in batch:
+            body = json.loads(record.data)
+            if body["run"] != self.run_id:
+                self.earlier += 1
+            elif body["n"] in self.seen:
+                self.duplicates += 1
+            else:
+                self.seen.add(body["n"])
+        shard = batch[0].shard_id
+        self.per_shard[shard] = self.per_shard.get(shard, 0) + len(batch)
+        self.progress.update(len(batch))
+        if len(self.seen) >= self.count:
+            self.done.set()
+
+    def report(self, *, first_run: bool) -> int:
+        if first_run:
+            print("first run: every shard started at TRIM_HORIZON")
+        elif self.earlier == 0:
+            print(f"resumed from the checkpoints: read only the {len(self.seen)} new records")
+        else:
+            print(
+                f"resumed from the checkpoints; {self.earlier} records written by an earlier, interrupted "
+                "run had never been checkpointed and were read now"
+            )
+        if self.duplicates:
+            print(f"{self.duplicates} records were delivered more than once")
+        print(f"processed {len(self.seen)} of {self.count} records")
+        return 0 if len(self.seen) == self.count and self.duplicates == 0 else 1
 
 
 async def _print_table(store_url: str, per_shard: dict[str, int]) -> None:

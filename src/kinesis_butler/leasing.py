@@ -181,7 +181,9 @@ class LeaseCoordinator:
         """Write a checkpoint for a held lease; LeaseLost if it is gone."""
         async with held.lock:
             if held.lost.is_set() or held.released:
-                raise LeaseLost(f"lease {held.key} was lost; checkpoint {position} refused", lease_key=held.key)
+                raise LeaseLost(
+                    f"lease {held.key} was lost; checkpoint {position} refused", lease_key=held.key
+                )
             try:
                 held.lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
             except StaleLease:

@@ -66,7 +66,9 @@ TRANSITIONS: Final[dict[ShardState, frozenset[ShardState]]] = {
     ShardState.WAITING_ON_PARENT_SHARDS: frozenset({ShardState.INITIALIZING}) | _ENDINGS,
     ShardState.INITIALIZING: frozenset({ShardState.PROCESSING}) | _ENDINGS,
     ShardState.PROCESSING: frozenset({ShardState.SHARD_ENDED}) | _ENDINGS,
-    ShardState.SHARD_ENDED: frozenset({ShardState.SHUTDOWN_COMPLETE, ShardState.LEASE_LOST, ShardState.FAILED}),
+    ShardState.SHARD_ENDED: frozenset(
+        {ShardState.SHUTDOWN_COMPLETE, ShardState.LEASE_LOST, ShardState.FAILED}
+    ),
     ShardState.SHUTDOWN_REQUESTED: frozenset({ShardState.SHUTDOWN_COMPLETE, ShardState.LEASE_LOST}),
     ShardState.LEASE_LOST: frozenset({ShardState.SHUTDOWN_COMPLETE}),
     ShardState.FAILED: frozenset(),
@@ -120,7 +122,9 @@ class ShardCheckpointer:
                 )
         current = self._held.lease.checkpoint
         if position < current:
-            raise CheckpointError(f"checkpoint {position} on shard {self._held.key} goes backwards (stored: {current})")
+            raise CheckpointError(
+                f"checkpoint {position} on shard {self._held.key} goes backwards (stored: {current})"
+            )
         if position == current:
             return
         await self._coordinator.checkpoint(self._held, position)
@@ -156,7 +160,7 @@ class ShardConsumer:
         self.checkpointer = ShardCheckpointer(coordinator, held)
         self.records_processed = 0
         self.shutdown = asyncio.Event()  # set to ask for a graceful shutdown
-        self.error: BaseException | None = None
+        self.error: ProcessorFailed | None = None
 
     def _move(self, new: ShardState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -251,35 +255,51 @@ class ShardConsumer:
 
     async def _deliver(self, records: list[Record], millis_behind: int | None) -> None:
         last = records[-1]
-        self.checkpointer.last_delivered = ExtendedSequenceNumber(last.sequence_number, last.sub_sequence_number)
+        self.checkpointer.last_delivered = ExtendedSequenceNumber(
+            last.sequence_number, last.sub_sequence_number
+        )
         attempt = 1
         while True:
             try:
                 await call_maybe_async(
                     self._processor.process_records,
-                    ProcessRecordsInput(records, self.checkpointer, self.shard_id, self.stream, millis_behind, attempt),
+                    ProcessRecordsInput(
+                        records, self.checkpointer, self.shard_id, self.stream, millis_behind, attempt
+                    ),
                 )
                 break
             except (LeaseLost, asyncio.CancelledError):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any processor error means: retry the batch
                 if attempt >= self._config.processor_max_attempts:
                     self.error = ProcessorFailed(
-                        f"processor failed {attempt} times on shard {self.shard_id} at {records[0].sequence_number}; "
+                        f"processor failed {attempt} times on shard {self.shard_id} "
+                        f"at {records[0].sequence_number}; "
                         f"the shard is stopped (last error: {type(exc).__name__}: {exc})",
                         shard_id=self.shard_id,
                         attempts=attempt,
                     )
                     self.error.__cause__ = exc
-                    log.error("%s", self.error)
+                    log.error("%s", self.error)  # noqa: TRY400 - the message carries the cause
                     self._move(ShardState.FAILED)
                     self._coordinator.refuse(self.held.key)
                     await self._coordinator.release(self.held)
                     return
-                delay = random.uniform(0, min(self._config.processor_retry_cap, self._config.processor_retry_base * 2 ** (attempt - 1)))
+                delay = random.uniform(
+                    0,
+                    min(
+                        self._config.processor_retry_cap,
+                        self._config.processor_retry_base * 2 ** (attempt - 1),
+                    ),
+                )
                 log.warning(
                     "shard %s: processor raised %s: %s; retrying the batch in %.1f s (attempt %d of %d)",
-                    self.shard_id, type(exc).__name__, exc, delay, attempt + 1, self._config.processor_max_attempts,
+                    self.shard_id,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    attempt + 1,
+                    self._config.processor_max_attempts,
                 )
                 attempt += 1
                 await self._sleep(delay)

@@ -30,14 +30,18 @@ __all__ = [
 ]
 
 
-class Record(msgspec.Struct, rename={
-    "data": "Data",
-    "partition_key": "PartitionKey",
-    "sequence_number": "SequenceNumber",
-    "approximate_arrival_timestamp": "ApproximateArrivalTimestamp",
-    "encryption_type": "EncryptionType",
-    "explicit_hash_key": "ExplicitHashKey",
-}, omit_defaults=True):
+class Record(
+    msgspec.Struct,
+    rename={
+        "data": "Data",
+        "partition_key": "PartitionKey",
+        "sequence_number": "SequenceNumber",
+        "approximate_arrival_timestamp": "ApproximateArrivalTimestamp",
+        "encryption_type": "EncryptionType",
+        "explicit_hash_key": "ExplicitHashKey",
+    },
+    omit_defaults=True,
+):
     """One Kinesis record as delivered to a processor.
 
     Attributes:

@@ -22,7 +22,7 @@ import dataclasses
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol, TypeAlias, runtime_checkable
+from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 from kinesis_butler.errors import ProcessorImportError
 from kinesis_butler.models import ExtendedSequenceNumber, Record
@@ -127,7 +127,9 @@ class RecordProcessor(Protocol):
 
     def shard_ended(self, shard_ended_input: ShardEndedInput) -> Awaitable[None] | None: ...
 
-    def shutdown_requested(self, shutdown_requested_input: ShutdownRequestedInput) -> Awaitable[None] | None: ...
+    def shutdown_requested(
+        self, shutdown_requested_input: ShutdownRequestedInput
+    ) -> Awaitable[None] | None: ...
 
 
 class RecordProcessorBase:
@@ -191,7 +193,7 @@ def as_processor_factory(processor: object) -> ProcessorFactory:
             raise ProcessorImportError(
                 f"{processor.__qualname__} has no process_records method; subclass RecordProcessorBase"
             )
-        return processor
+        return cast(ProcessorFactory, processor)
     if isinstance(processor, RecordProcessor) and not callable(processor):
         raise ProcessorImportError(
             "pass the processor class (or a factory), not an instance: each shard needs its own"
@@ -207,7 +209,8 @@ def load_processor(path: str) -> ProcessorFactory:
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ProcessorImportError(
-            f"invalid processor {path!r}: expected 'package.module:function' (for example myapp.handlers:handle)"
+            f"invalid processor {path!r}: expected 'package.module:function' "
+            "(for example myapp.handlers:handle)"
         )
     try:
         module = importlib.import_module(module_name)
@@ -221,5 +224,7 @@ def load_processor(path: str) -> ProcessorFactory:
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ProcessorImportError(f"module {module_name!r} has no attribute {attr!r} (processor {path!r})") from None
+            raise ProcessorImportError(
+                f"module {module_name!r} has no attribute {attr!r} (processor {path!r})"
+            ) from None
     return as_processor_factory(target)

@@ -12,7 +12,9 @@ __all__ = ["ProgressBar"]
 class ProgressBar:
     """Draws ``[#####.....] done/total unit  rate/s`` at most ten times a second."""
 
-    def __init__(self, total: int | None, *, unit: str = "records", stream: TextIO | None = None, width: int = 30) -> None:
+    def __init__(
+        self, total: int | None, *, unit: str = "records", stream: TextIO | None = None, width: int = 30
+    ) -> None:
         self.total = total
         self.unit = unit
         self.done = 0

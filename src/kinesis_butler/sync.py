@@ -41,7 +41,9 @@ class Consumer:
 
     def __init__(self, stream: str, app: str, processor: object = None, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="kinesis-butler-loop", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kinesis-butler-loop", daemon=True
+        )
         self._thread.start()
         self._async: AsyncConsumer = self._call(_build(stream, app, processor, options))
         self._run: Future[None] | None = None
@@ -62,12 +64,8 @@ class Consumer:
         if self._run is not None:
             raise ClosedError("this consumer was already started")
         self._call(self._async.__aenter__())
-        self._run = asyncio.run_coroutine_threadsafe(self._wait_run(), self._loop)
+        self._run = asyncio.run_coroutine_threadsafe(self._async.wait_stopped(), self._loop)
         return self
-
-    async def _wait_run(self) -> None:
-        assert self._async._run_task is not None  # noqa: SLF001 - our own facade
-        await self._async._run_task  # noqa: SLF001
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the consumer stops (after :meth:`stop`, or an error, which is raised)."""
@@ -108,10 +106,10 @@ class Consumer:
         return self._call(self._async.status())
 
     def __iter__(self) -> Iterator[Record]:
-        aiter = self._async.__aiter__()
+        self._async.__aiter__()  # validates that this consumer iterates
         while True:
             try:
-                yield self._call(aiter.__anext__())
+                yield self._call(self._async.__anext__())
             except StopAsyncIteration:
                 return
 

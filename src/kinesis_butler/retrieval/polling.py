@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from msgspec.structs import force_setattr
@@ -29,15 +30,26 @@ log = logging.getLogger("kinesis_butler.retrieval")
 
 
 class _ChildShard(Protocol):
-    shard_id: str
-    parent_shards: list[str]
+    @property
+    def shard_id(self) -> str: ...
+
+    @property
+    def parent_shards(self) -> Sequence[str]: ...
 
 
 class _GetRecordsResult(Protocol):
-    records: list[Record]
-    next_shard_iterator: str | None
-    millis_behind_latest: int | None
-    child_shards: list[_ChildShard] | None
+    # Read-only properties, so that any result type with these fields conforms.
+    @property
+    def records(self) -> list[Record]: ...
+
+    @property
+    def next_shard_iterator(self) -> str | None: ...
+
+    @property
+    def millis_behind_latest(self) -> int | None: ...
+
+    @property
+    def child_shards(self) -> Sequence[_ChildShard]: ...
 
 
 class ShardReader(Protocol):
@@ -87,14 +99,12 @@ class PollingSource:
         self._task: asyncio.Task[None] | None = None
         self._skip_through: tuple[int, int] | None = None
         self._last_fetched: ExtendedSequenceNumber | None = None
-        self._checkpoint: ExtendedSequenceNumber | None = None
         self._last_call = 0.0
 
     async def start(self, checkpoint: ExtendedSequenceNumber) -> None:
         if self._task is not None:
             raise RuntimeError("PollingSource.start() called twice")
-        self._checkpoint = checkpoint
-        self._task = asyncio.create_task(self._fetch_loop(), name=f"poll-{self._shard_id}")
+        self._task = asyncio.create_task(self._fetch_loop(checkpoint), name=f"poll-{self._shard_id}")
 
     async def next_batch(self) -> Batch:
         if self._task is None:
@@ -139,17 +149,16 @@ class PollingSource:
         if wait > 0:
             await asyncio.sleep(wait)
 
-    async def _fetch_loop(self) -> None:
+    async def _fetch_loop(self, checkpoint: ExtendedSequenceNumber) -> None:
         try:
-            await self._fetch_forever()
+            await self._fetch_forever(checkpoint)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             await self._queue.put(_Failed(exc))
 
-    async def _fetch_forever(self) -> None:
-        assert self._checkpoint is not None
-        iterator: str | None = await self._iterator_at(self._checkpoint)
+    async def _fetch_forever(self, checkpoint: ExtendedSequenceNumber) -> None:
+        iterator: str | None = await self._iterator_at(checkpoint)
         throttled = 0
         delay = 0.0
         while iterator is not None:
@@ -158,7 +167,7 @@ class PollingSource:
             try:
                 result = await self._client.get_records(iterator, limit=self._config.max_records)
             except ExpiredIterator:
-                resume = self._last_fetched or self._checkpoint
+                resume = self._last_fetched or checkpoint
                 log.info("shard %s: iterator expired, resuming after %s", self._shard_id, resume)
                 iterator = await self._iterator_at(resume)
                 delay = 0.0
@@ -173,13 +182,15 @@ class PollingSource:
                     raise
                 throttled += 1
                 delay = random.uniform(0, min(5.0, self._config.min_poll_interval * 2**throttled))
-                log.warning("shard %s: GetRecords failed (will retry in %.1f s): %s", self._shard_id, delay, exc)
+                log.warning(
+                    "shard %s: GetRecords failed (will retry in %.1f s): %s", self._shard_id, delay, exc
+                )
                 continue
             throttled = 0
             records = self._deliverable(result.records)
             iterator = result.next_shard_iterator
             if iterator is None:
-                children = result.child_shards or []
+                children = result.child_shards
                 await self._queue.put(
                     Batch(
                         records,
@@ -201,10 +212,14 @@ class PollingSource:
         if self._skip_through is not None:
             skip = self._skip_through
             start = 0
-            while start < len(records) and (
-                int(records[start].sequence_number),
-                records[start].sub_sequence_number,
-            ) <= skip:
+            while (
+                start < len(records)
+                and (
+                    int(records[start].sequence_number),
+                    records[start].sub_sequence_number,
+                )
+                <= skip
+            ):
                 start += 1
             if start < len(records):
                 self._skip_through = None

@@ -52,8 +52,15 @@ def _install(prefix: Path) -> Path:
         )
     prefix.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(  # noqa: S603 - fixed argv, no shell
-        [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
-         f"kinesis-local@{KINESIS_LOCAL_VERSION}"],
+        [
+            npm,
+            "install",
+            "--prefix",
+            str(prefix),
+            "--no-audit",
+            "--no-fund",
+            f"kinesis-local@{KINESIS_LOCAL_VERSION}",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -142,16 +149,15 @@ class KinesisEmulator:
                 env=env,
                 start_new_session=True,  # its own process group, so stop() reaches every child
             )
-        self._wait_ready(timeout)
+        self._wait_ready(self._process, timeout)
         return self
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            assert self._process is not None
-            if self._process.poll() is not None:
+            if process.poll() is not None:
                 raise ConfigError(
-                    f"the Kinesis emulator exited with code {self._process.returncode}; see {self.log_path}"
+                    f"the Kinesis emulator exited with code {process.returncode}; see {self.log_path}"
                 )
             try:
                 urllib.request.urlopen(self.endpoint_url, timeout=1)  # noqa: S310 - loopback URL we built
