@@ -17,7 +17,7 @@ from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.consumer import AsyncConsumer
 from kinesis_butler.errors import ButlerError
 from kinesis_butler.models import StartPosition
-from kinesis_butler.processor import load_processor
+from kinesis_butler.processor import import_processor
 from kinesis_butler.progress import ProgressBar
 from kinesis_butler.testing.emulator import KinesisEmulator
 
@@ -99,13 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _consume(args: argparse.Namespace) -> int:
     sys.path.insert(0, "")  # so `--processor mymodule:func` finds modules in the current directory
     start = StartPosition.parse(args.start_at)
-    factory = load_processor(args.processor)
+    processor = import_processor(args.processor)
     config = ConsumerConfig(failover_time=args.failover_time, processor_max_attempts=args.max_attempts)
     progress = None if args.quiet else ProgressBar(None)
     consumer = AsyncConsumer(
         args.stream,
         args.app,
-        factory,
+        processor,
         store=args.store,
         start_at=start,
         region=args.region,

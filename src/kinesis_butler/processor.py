@@ -40,6 +40,7 @@ __all__ = [
     "ShutdownRequestedInput",
     "as_processor_factory",
     "call_maybe_async",
+    "import_processor",
     "load_processor",
 ]
 
@@ -204,8 +205,9 @@ def as_processor_factory(processor: object) -> ProcessorFactory:
     raise ProcessorImportError(f"{processor!r} is neither a processor class nor a function")
 
 
-def load_processor(path: str) -> ProcessorFactory:
-    """Import ``pkg.module:attr`` and adapt it with :func:`as_processor_factory`."""
+def import_processor(path: str) -> object:
+    """Import ``pkg.module:attr`` and check that it can be a processor; returns the object
+    (to pass as ``processor=`` to a consumer)."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ProcessorImportError(
@@ -227,4 +229,10 @@ def load_processor(path: str) -> ProcessorFactory:
             raise ProcessorImportError(
                 f"module {module_name!r} has no attribute {attr!r} (processor {path!r})"
             ) from None
-    return as_processor_factory(target)
+    as_processor_factory(target)  # validates: raises ProcessorImportError with the reason
+    return target
+
+
+def load_processor(path: str) -> ProcessorFactory:
+    """Import ``pkg.module:attr`` and adapt it with :func:`as_processor_factory`."""
+    return as_processor_factory(import_processor(path))

@@ -1,0 +1,161 @@
+"""The kinesis-butler command: clean shutdown on SIGTERM, and one clear line for each user error."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kinesis_butler.aws import KinesisClient
+from kinesis_butler.testing.emulator import free_port
+from tests.helpers import wait_until_sync
+from tests.integration.conftest import StreamFactory, put_numbers
+
+pytestmark = pytest.mark.integration
+
+UNSET = "\0unset"  # an env value that means: remove the variable
+
+PROCESSOR = textwrap.dedent(
+    """
+    import json, os
+
+    def handle(records):
+        with open(os.environ["OUT"], "a") as out:
+            for record in records:
+                out.write(f"{record.shard_id} {record.sequence_number} {json.loads(record.data)['n']}\\n")
+    """
+)
+
+
+def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    merged = {**os.environ, **(env or {})}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kinesis_butler", *args],
+        cwd=cwd,
+        env={name: value for name, value in merged.items() if value != UNSET},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+async def test_consume_checkpoints_and_exits_cleanly_on_sigterm(
+    kinesis: KinesisClient, kinesis_endpoint: str, new_stream: StreamFactory, tmp_path: Path
+) -> None:
+    stream = await new_stream(2)
+    await put_numbers(kinesis, stream, 0, 300)
+    (tmp_path / "myproc.py").write_text(PROCESSOR)
+    out = tmp_path / "out.txt"
+    process = _cli(
+        "consume", "--stream", stream, "--app", "cli-app", "--processor", "myproc:handle",
+        "--store", "sqlite:///leases.db", "--endpoint-url", kinesis_endpoint, "--region", "us-east-1", "--quiet",
+        cwd=tmp_path, env={"OUT": str(out)},
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(
+            wait_until_sync,
+            lambda: out.exists() and len(out.read_text().splitlines()) >= 300,
+            timeout=60,
+            what="300 records processed by the CLI",
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 0, stderr
+    assert "stopped cleanly" in stderr
+    assert "Traceback" not in stderr
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert sorted(int(n) for _, _, n in lines) == list(range(300))
+    last = {shard: seq for shard, seq, _ in lines}
+    with sqlite3.connect(tmp_path / "leases.db") as db:
+        rows = dict(db.execute("SELECT lease_key, checkpoint FROM leases WHERE app = 'cli-app'").fetchall())
+        owners = {owner for (owner,) in db.execute("SELECT lease_owner FROM leases")}
+    db.close()
+    assert rows == last
+    assert owners == {None}
+
+
+NO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": UNSET,
+    "AWS_SECRET_ACCESS_KEY": UNSET,
+    "AWS_SESSION_TOKEN": UNSET,
+    "AWS_PROFILE": UNSET,
+    "AWS_CONFIG_FILE": "/nonexistent/config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/credentials",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": UNSET,
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": UNSET,
+    "AWS_WEB_IDENTITY_TOKEN_FILE": UNSET,
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "overrides", "env", "expected"),
+    [
+        ("unknown stream", {"--stream": "no-such-stream"}, {}, "stream 'no-such-stream' does not exist"),
+        ("bad processor", {"--processor": "nosuchmodule:handle"}, {}, "cannot import module 'nosuchmodule'"),
+        ("malformed processor", {"--processor": "nocolon"}, {}, "expected 'package.module:function'"),
+        ("bad store url", {"--store": "mysql://u:hunter2@db/x"}, {}, "lease store URL"),
+        ("bad start", {"--start-at": "yesterday"}, {}, "invalid start position 'yesterday'"),
+        ("no credentials", {}, NO_CREDENTIALS, "credentials"),
+        ("unreachable endpoint", {"--endpoint-url": "http://127.0.0.1:{free}"}, {}, "127.0.0.1"),
+    ],
+)
+def test_user_errors_print_one_clear_line_and_exit_2(
+    case: str,
+    overrides: dict[str, str],
+    env: dict[str, str],
+    expected: str,
+    kinesis_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "myproc.py").write_text(PROCESSOR)
+    args = {
+        "--stream": "any-stream",
+        "--app": "app",
+        "--processor": "myproc:handle",
+        "--store": "sqlite:///leases.db",
+        "--endpoint-url": kinesis_endpoint,
+        "--region": "us-east-1",
+    }
+    args.update({k: v.replace("{free}", str(free_port())) for k, v in overrides.items()})
+    argv = ["consume", *[item for pair in args.items() for item in pair], "--quiet"]
+    process = _cli(*argv, cwd=tmp_path, env={**env, "OUT": str(tmp_path / "out")})
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, f"{case}: {stderr}"
+    assert "Traceback" not in stderr
+    error_lines = [line for line in stderr.splitlines() if line.startswith("kinesis-butler: error:")]
+    assert len(error_lines) == 1, stderr
+    assert expected in error_lines[0]
+    assert "hunter2" not in stderr  # secrets never appear in errors
+
+
+def test_the_demo_resumes_from_its_checkpoints_on_a_second_run(tmp_path: Path) -> None:
+    demo_dir = tmp_path / "demo"
+    argv = ["demo", "--records", "400", "--dir", str(demo_dir)]
+    first = subprocess.run(
+        [sys.executable, "-m", "kinesis_butler", *argv],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "processed 400 of 400 records" in first.stdout
+    second = subprocess.run(
+        [sys.executable, "-m", "kinesis_butler", *argv],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resumed from the checkpoints: read only the 400 new records" in second.stdout
+    assert "processed 400 of 400 records" in second.stdout
