@@ -55,8 +55,8 @@ async def test_consume_checkpoints_and_exits_cleanly_on_sigterm(
     out = tmp_path / "out.txt"
     process = _cli(
         "consume", "--stream", stream, "--app", "cli-app", "--processor", "myproc:handle",
-        "--store", "sqlite:///leases.db", "--endpoint-url", kinesis_endpoint, "--region", "us-east-1", "--quiet",
-        cwd=tmp_path, env={"OUT": str(out)},
+        "--store", "sqlite:///leases.db", "--endpoint-url", kinesis_endpoint, "--region", "us-east-1",
+        "--quiet", cwd=tmp_path, env={"OUT": str(out)},
     )  # fmt: skip
     try:
         await asyncio.to_thread(
