@@ -1,0 +1,691 @@
+"""Typed Kinesis Data Streams operations over the JSON transport.
+
+Request and response shapes are msgspec Structs whose fields map to the wire names, so bodies are
+encoded and decoded in one C pass each. Timestamps stay float epoch seconds (the wire format) and
+``Data`` is a ``bytes`` field, which msgspec base64-decodes while parsing. GetRecords decodes
+straight into :class:`kinesis_butler.models.Record` with a decoder built once at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
+from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
+from kinesis_butler.errors import AwsError, ConfigError, ResourceInUse, ResourceNotFound
+from kinesis_butler.models import Record, Shard
+
+__all__ = [
+    "ChildShard",
+    "GetRecordsResult",
+    "HashKeyRange",
+    "KinesisClient",
+    "PutRecordResult",
+    "PutRecordsEntry",
+    "PutRecordsResult",
+    "PutRecordsResultEntry",
+    "ShardFilter",
+    "StreamSummary",
+]
+
+_TARGET_PREFIX: Final = "Kinesis_20131202"
+_T = TypeVar("_T")
+
+
+def _wire_name(name: str) -> str:
+    # Kinesis names are PascalCase with "ARN" in capitals: stream_arn -> StreamARN.
+    return "".join("ARN" if part == "arn" else part.capitalize() for part in name.split("_"))
+
+
+class _Wire(msgspec.Struct, rename=_wire_name, omit_defaults=True):
+    """Base of every shape: wire names, and unset optional fields left out of requests."""
+
+
+class _FrozenWire(msgspec.Struct, rename=_wire_name, omit_defaults=True, frozen=True):
+    """Base of the immutable public shapes."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Public shapes
+# ---------------------------------------------------------------------------------------------
+
+
+class HashKeyRange(_FrozenWire, frozen=True):
+    """A shard's hash key range, as the decimal strings Kinesis sends.
+
+    Attributes:
+        starting_hash_key: the lowest hash key of the shard (inclusive).
+        ending_hash_key: the highest hash key of the shard (inclusive).
+    """
+
+    starting_hash_key: str
+    ending_hash_key: str
+
+
+class ChildShard(_FrozenWire, frozen=True):
+    """A shard that replaced the one just read to its end (from GetRecords at shard end).
+
+    Attributes:
+        shard_id: the child's id.
+        parent_shards: its parents: one after a split, two after a merge.
+        hash_key_range: its hash key range.
+    """
+
+    shard_id: str
+    parent_shards: list[str]
+    hash_key_range: HashKeyRange
+
+    def to_shard(self) -> Shard:
+        """The child as a :class:`Shard` (its starting sequence number is not known yet)."""
+        parents = self.parent_shards
+        return Shard(
+            shard_id=self.shard_id,
+            parent_shard_id=parents[0] if parents else None,
+            adjacent_parent_shard_id=parents[1] if len(parents) > 1 else None,
+            starting_hash_key=int(self.hash_key_range.starting_hash_key),
+            ending_hash_key=int(self.hash_key_range.ending_hash_key),
+        )
+
+
+class GetRecordsResult(msgspec.Struct):
+    """The answer to GetRecords.
+
+    Attributes:
+        records: the records, oldest first, ``data`` already base64-decoded.
+        next_shard_iterator: the iterator for the next call; ``None`` once a closed shard is
+            read to its end.
+        millis_behind_latest: how far the iterator is behind the tip of the shard.
+        child_shards: at shard end, the shards that replaced this one.
+    """
+
+    records: list[Record] = []
+    next_shard_iterator: str | None = None
+    millis_behind_latest: int | None = None
+    child_shards: list[ChildShard] = []
+
+    @property
+    def at_shard_end(self) -> bool:
+        """True when the shard is closed and every record of it was returned."""
+        return self.next_shard_iterator is None
+
+
+class ShardFilter(_FrozenWire, frozen=True):
+    """Which shards ListShards returns.
+
+    Attributes:
+        type: ``AFTER_SHARD_ID``, ``AT_TRIM_HORIZON``, ``FROM_TRIM_HORIZON``, ``AT_LATEST``,
+            ``AT_TIMESTAMP`` or ``FROM_TIMESTAMP``.
+        shard_id: with ``AFTER_SHARD_ID``.
+        timestamp: epoch seconds, with ``AT_TIMESTAMP`` and ``FROM_TIMESTAMP``.
+    """
+
+    type: str
+    shard_id: str | None = None
+    timestamp: float | None = None
+
+
+class PutRecordsEntry(_FrozenWire, frozen=True):
+    """One record to write with PutRecords.
+
+    Attributes:
+        data: the payload (at most 1 MiB with the partition key).
+        partition_key: decides the shard (MD5 of it) unless ``explicit_hash_key`` is set.
+        explicit_hash_key: a decimal hash key that overrides the partition key's hash.
+    """
+
+    data: bytes
+    partition_key: str
+    explicit_hash_key: str | None = None
+
+
+class PutRecordsResultEntry(_FrozenWire, frozen=True):
+    """The outcome of one PutRecords entry: a sequence number and shard, or an error.
+
+    Attributes:
+        sequence_number: set when the record was written.
+        shard_id: set when the record was written.
+        error_code: ``ProvisionedThroughputExceededException`` or ``InternalFailure`` on failure.
+        error_message: the detail of the failure.
+    """
+
+    sequence_number: str | None = None
+    shard_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+
+class PutRecordsResult(_FrozenWire, frozen=True):
+    """The answer to PutRecords; entries are in request order.
+
+    Attributes:
+        failed_record_count: how many entries failed (retry those only).
+        records: one outcome per request entry.
+        encryption_type: ``NONE`` or ``KMS``.
+    """
+
+    failed_record_count: int = 0
+    records: list[PutRecordsResultEntry] = []
+    encryption_type: str | None = None
+
+
+class PutRecordResult(_FrozenWire, frozen=True):
+    """The answer to PutRecord.
+
+    Attributes:
+        shard_id: the shard the record went to.
+        sequence_number: the sequence number it was given.
+        encryption_type: ``NONE`` or ``KMS``.
+    """
+
+    shard_id: str
+    sequence_number: str
+    encryption_type: str | None = None
+
+
+class StreamSummary(msgspec.Struct, frozen=True):
+    """A stream's state, from DescribeStreamSummary.
+
+    Attributes:
+        stream_name: the name.
+        stream_arn: the ARN.
+        stream_status: ``CREATING``, ``DELETING``, ``ACTIVE`` or ``UPDATING``.
+        open_shard_count: shards currently open.
+        retention_period_hours: how long records are kept.
+        stream_creation_timestamp: epoch seconds.
+        stream_mode: ``PROVISIONED`` or ``ON_DEMAND``.
+        consumer_count: registered enhanced fan-out consumers.
+        encryption_type: ``NONE`` or ``KMS``, when reported.
+    """
+
+    stream_name: str
+    stream_arn: str
+    stream_status: str
+    open_shard_count: int
+    retention_period_hours: int
+    stream_creation_timestamp: float
+    stream_mode: str = "PROVISIONED"
+    consumer_count: int = 0
+    encryption_type: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire-only shapes
+# ---------------------------------------------------------------------------------------------
+
+
+class _GetRecordsOutput(_Wire):
+    records: list[Record] | None = None
+    next_shard_iterator: str | None = None
+    millis_behind_latest: int | None = None
+    # kinesis-local (and older endpoints) send "ChildShards": null on open shards.
+    child_shards: list[ChildShard] | None = None
+
+
+class _StreamModeDetails(_Wire):
+    stream_mode: str = "PROVISIONED"
+
+
+class _StreamDescriptionSummary(_Wire):
+    stream_name: str
+    stream_arn: str
+    stream_status: str
+    retention_period_hours: int = 24
+    stream_creation_timestamp: float = 0.0
+    open_shard_count: int = 0
+    stream_mode_details: _StreamModeDetails | None = None
+    consumer_count: int | None = None
+    encryption_type: str | None = None
+
+
+class _DescribeStreamSummaryOutput(_Wire):
+    stream_description_summary: _StreamDescriptionSummary
+
+
+class _SequenceNumberRange(_Wire):
+    starting_sequence_number: str
+    ending_sequence_number: str | None = None
+
+
+class _WireShard(_Wire):
+    shard_id: str
+    hash_key_range: HashKeyRange
+    sequence_number_range: _SequenceNumberRange
+    parent_shard_id: str | None = None
+    adjacent_parent_shard_id: str | None = None
+
+
+class _ListShardsOutput(_Wire):
+    shards: list[_WireShard] | None = None
+    next_token: str | None = None
+
+
+class _GetShardIteratorOutput(_Wire):
+    shard_iterator: str
+
+
+class _StreamNameInput(_Wire):
+    stream_name: str
+
+
+class _ListShardsInput(_Wire):
+    stream_name: str | None = None
+    next_token: str | None = None
+    max_results: int | None = None
+    shard_filter: ShardFilter | None = None
+
+
+class _GetShardIteratorInput(_Wire):
+    stream_name: str
+    shard_id: str
+    shard_iterator_type: str
+    starting_sequence_number: str | None = None
+    timestamp: float | None = None
+
+
+class _GetRecordsInput(_Wire):
+    shard_iterator: str
+    limit: int | None = None
+
+
+class _PutRecordsInput(_Wire):
+    stream_name: str
+    records: list[PutRecordsEntry]
+
+
+class _PutRecordInput(_Wire):
+    stream_name: str
+    data: bytes
+    partition_key: str
+    explicit_hash_key: str | None = None
+
+
+class _CreateStreamInput(_Wire):
+    stream_name: str
+    shard_count: int
+
+
+class _DeleteStreamInput(_Wire):
+    stream_name: str
+    enforce_consumer_deletion: bool = False
+
+
+class _SplitShardInput(_Wire):
+    stream_name: str
+    shard_to_split: str
+    new_starting_hash_key: str
+
+
+class _MergeShardsInput(_Wire):
+    stream_name: str
+    shard_to_merge: str
+    adjacent_shard_to_merge: str
+
+
+class _UpdateShardCountInput(_Wire):
+    stream_name: str
+    target_shard_count: int
+    scaling_type: str  # no default: omit_defaults would drop it, and the API requires it
+
+
+_encoder: Final = msgspec.json.Encoder()
+_get_records_decoder: Final = msgspec.json.Decoder(_GetRecordsOutput)
+_describe_decoder: Final = msgspec.json.Decoder(_DescribeStreamSummaryOutput)
+_list_shards_decoder: Final = msgspec.json.Decoder(_ListShardsOutput)
+_iterator_decoder: Final = msgspec.json.Decoder(_GetShardIteratorOutput)
+_put_records_decoder: Final = msgspec.json.Decoder(PutRecordsResult)
+_put_record_decoder: Final = msgspec.json.Decoder(PutRecordResult)
+
+_SEQUENCE_TYPES: Final = frozenset({"AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER"})
+_ITERATOR_TYPES: Final = frozenset({*_SEQUENCE_TYPES, "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"})
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes, operation: str) -> _T:
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        # A 2xx with a body we cannot read: a proxy, a truncated answer or an emulator bug.
+        raise AwsError(
+            f"malformed {operation} response: {exc}", operation=operation, code="MalformedResponse"
+        ) from exc
+
+
+def _to_shard(wire: _WireShard) -> Shard:
+    return Shard(
+        shard_id=wire.shard_id,
+        parent_shard_id=wire.parent_shard_id,
+        adjacent_parent_shard_id=wire.adjacent_parent_shard_id,
+        starting_hash_key=int(wire.hash_key_range.starting_hash_key),
+        ending_hash_key=int(wire.hash_key_range.ending_hash_key),
+        starting_sequence_number=wire.sequence_number_range.starting_sequence_number,
+        ending_sequence_number=wire.sequence_number_range.ending_sequence_number,
+    )
+
+
+class KinesisClient:
+    """An async client for the Kinesis Data Streams operations kinesis-butler uses.
+
+    Example:
+        >>> async with KinesisClient(region="us-east-1") as kinesis:
+        ...     shards = await kinesis.list_shards("orders")
+        ...     it = await kinesis.get_shard_iterator("orders", shards[0].shard_id, "TRIM_HORIZON")
+        ...     batch = await kinesis.get_records(it)
+    """
+
+    def __init__(
+        self,
+        *,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        credentials: CredentialsProvider | AwsCredentials | None = None,
+        profile: str | None = None,
+        transport_options: TransportOptions | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        """Create a client. No connection is made until the first call.
+
+        Args:
+            region: the region; otherwise the profile's, ``AWS_REGION`` or ``AWS_DEFAULT_REGION``.
+            endpoint_url: e.g. ``http://127.0.0.1:4567`` for the emulator; defaults to the
+                regional AWS endpoint.
+            credentials: a provider, fixed credentials, or ``None`` for botocore's chain.
+            profile: a shared-config profile for the chain (not with ``credentials``).
+            transport_options: timeouts, retries and pool size.
+            transport: a ready transport (tests); the other arguments are then ignored.
+
+        Raises:
+            ConfigError: no region is configured, or both ``credentials`` and ``profile`` given.
+        """
+        if transport is None:
+            if credentials is not None and profile is not None:
+                raise ConfigError("pass either credentials or profile, not both")
+            if isinstance(credentials, AwsCredentials):
+                provider = CredentialsProvider(
+                    access_key_id=credentials.access_key_id,
+                    secret_access_key=credentials.secret_access_key,
+                    session_token=credentials.session_token,
+                    region=region,
+                )
+            elif credentials is None:
+                provider = CredentialsProvider(profile=profile, region=region)
+            else:
+                provider = credentials
+            transport = JsonTransport(
+                service="kinesis",
+                target_prefix=_TARGET_PREFIX,
+                credentials=provider,
+                region=region,
+                endpoint_url=endpoint_url,
+                options=transport_options,
+            )
+        self._transport: Transport = transport
+
+    def __repr__(self) -> str:
+        return f"KinesisClient(endpoint_url={self._transport.endpoint_url!r})"
+
+    @property
+    def endpoint_url(self) -> str:
+        """The endpoint this client talks to."""
+        return self._transport.endpoint_url
+
+    @property
+    def region(self) -> str:
+        """The region requests are signed for."""
+        return self._transport.region
+
+    async def __aenter__(self) -> KinesisClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections. Safe to call more than once; the client cannot be reused."""
+        await self._transport.aclose()
+
+    async def _call(self, operation: str, request: Any, *, max_attempts: int | None = None) -> bytes:
+        return await self._transport.call(operation, _encoder.encode(request), max_attempts=max_attempts)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def describe_stream_summary(self, stream: str) -> StreamSummary:
+        """Describe a stream without listing its shards.
+
+        Raises:
+            ResourceNotFound: the stream does not exist.
+        """
+        raw = await self._call("DescribeStreamSummary", _StreamNameInput(stream))
+        wire = _decode(_describe_decoder, raw, "DescribeStreamSummary").stream_description_summary
+        return StreamSummary(
+            stream_name=wire.stream_name,
+            stream_arn=wire.stream_arn,
+            stream_status=wire.stream_status,
+            open_shard_count=wire.open_shard_count,
+            retention_period_hours=wire.retention_period_hours,
+            stream_creation_timestamp=wire.stream_creation_timestamp,
+            stream_mode=wire.stream_mode_details.stream_mode if wire.stream_mode_details else "PROVISIONED",
+            consumer_count=wire.consumer_count or 0,
+            encryption_type=wire.encryption_type,
+        )
+
+    async def list_shards(
+        self, stream: str, *, shard_filter: ShardFilter | None = None, max_results: int | None = None
+    ) -> list[Shard]:
+        """List a stream's shards (open and, within retention, closed), following pagination.
+
+        Args:
+            stream: the stream name.
+            shard_filter: which shards to return; all by default.
+            max_results: page size (1-10000); the service default (1000) when ``None``.
+
+        Returns:
+            Every shard, in the order the service lists them.
+
+        Raises:
+            ResourceNotFound: the stream does not exist.
+        """
+        shards: list[Shard] = []
+        request = _ListShardsInput(stream_name=stream, max_results=max_results, shard_filter=shard_filter)
+        while True:
+            raw = await self._call("ListShards", request)
+            page = _decode(_list_shards_decoder, raw, "ListShards")
+            shards.extend(_to_shard(wire) for wire in page.shards or ())
+            if not page.next_token:
+                return shards
+            # The token carries the stream and filter; sending StreamName with it is an error.
+            request = _ListShardsInput(next_token=page.next_token, max_results=max_results)
+
+    async def get_shard_iterator(
+        self,
+        stream: str,
+        shard_id: str,
+        iterator_type: str,
+        *,
+        sequence_number: str | None = None,
+        timestamp: float | None = None,
+    ) -> str:
+        """Get an iterator to start reading a shard from (valid for 5 minutes).
+
+        Args:
+            stream: the stream name.
+            shard_id: the shard.
+            iterator_type: ``TRIM_HORIZON``, ``LATEST``, ``AT_SEQUENCE_NUMBER``,
+                ``AFTER_SEQUENCE_NUMBER`` or ``AT_TIMESTAMP``.
+            sequence_number: with ``AT_SEQUENCE_NUMBER`` / ``AFTER_SEQUENCE_NUMBER``.
+            timestamp: epoch seconds, with ``AT_TIMESTAMP``.
+
+        Returns:
+            The shard iterator.
+
+        Raises:
+            ConfigError: the type is unknown or its sequence number / timestamp is missing.
+            ResourceNotFound: the stream or shard does not exist.
+        """
+        if iterator_type not in _ITERATOR_TYPES:
+            raise ConfigError(
+                f"unknown shard iterator type {iterator_type!r}: "
+                f"use one of {', '.join(sorted(_ITERATOR_TYPES))}"
+            )
+        if (iterator_type in _SEQUENCE_TYPES) != (sequence_number is not None):
+            raise ConfigError(
+                "a sequence_number is required with AT/AFTER_SEQUENCE_NUMBER and only with them"
+            )
+        if (iterator_type == "AT_TIMESTAMP") != (timestamp is not None):
+            raise ConfigError("a timestamp is required with AT_TIMESTAMP and only with it")
+        request = _GetShardIteratorInput(
+            stream_name=stream,
+            shard_id=shard_id,
+            shard_iterator_type=iterator_type,
+            starting_sequence_number=sequence_number,
+            timestamp=timestamp,
+        )
+        raw = await self._call("GetShardIterator", request)
+        return _decode(_iterator_decoder, raw, "GetShardIterator").shard_iterator
+
+    async def get_records(
+        self, shard_iterator: str, *, limit: int | None = None, max_attempts: int | None = None
+    ) -> GetRecordsResult:
+        """Read the next batch of records of a shard.
+
+        Args:
+            shard_iterator: from :meth:`get_shard_iterator` or the previous result.
+            limit: at most this many records (1-10000).
+            max_attempts: this call's retry budget; ``1`` lets the caller handle throttling.
+
+        Returns:
+            The records, the next iterator (``None`` at the end of a closed shard), the lag and,
+            at shard end, the child shards.
+
+        Raises:
+            ExpiredIterator: the iterator is older than 5 minutes (never retried here).
+            Throttled: the shard's read quota stayed exceeded through every retry.
+        """
+        raw = await self._transport.call(
+            "GetRecords", _encoder.encode(_GetRecordsInput(shard_iterator, limit)), max_attempts=max_attempts
+        )
+        wire = _decode(_get_records_decoder, raw, "GetRecords")
+        return GetRecordsResult(
+            wire.records or [], wire.next_shard_iterator, wire.millis_behind_latest, wire.child_shards or []
+        )
+
+    # -- writing ------------------------------------------------------------------------------
+
+    async def put_records(self, stream: str, entries: list[PutRecordsEntry]) -> PutRecordsResult:
+        """Write up to 500 records in one call. Check ``failed_record_count``: failures are per entry.
+
+        Raises:
+            ResourceNotFound: the stream does not exist.
+            InvalidArgument: too many entries, or an entry is too large.
+        """
+        raw = await self._call("PutRecords", _PutRecordsInput(stream_name=stream, records=entries))
+        return _decode(_put_records_decoder, raw, "PutRecords")
+
+    async def put_record(
+        self, stream: str, data: bytes, partition_key: str, *, explicit_hash_key: str | None = None
+    ) -> PutRecordResult:
+        """Write one record.
+
+        Raises:
+            ResourceNotFound: the stream does not exist.
+        """
+        request = _PutRecordInput(
+            stream_name=stream, data=data, partition_key=partition_key, explicit_hash_key=explicit_hash_key
+        )
+        raw = await self._call("PutRecord", request)
+        return _decode(_put_record_decoder, raw, "PutRecord")
+
+    # -- administration -----------------------------------------------------------------------
+
+    async def create_stream(self, stream: str, shard_count: int) -> None:
+        """Create a provisioned stream; it is ``CREATING`` until :meth:`wait_for_active` returns.
+
+        Raises:
+            ResourceInUse: a stream of that name exists.
+        """
+        await self._call("CreateStream", _CreateStreamInput(stream_name=stream, shard_count=shard_count))
+
+    async def delete_stream(self, stream: str, *, enforce_consumer_deletion: bool = False) -> None:
+        """Delete a stream (with its registered consumers when ``enforce_consumer_deletion``).
+
+        Raises:
+            ResourceNotFound: the stream does not exist.
+        """
+        await self._call(
+            "DeleteStream",
+            _DeleteStreamInput(stream_name=stream, enforce_consumer_deletion=enforce_consumer_deletion),
+        )
+
+    async def wait_for_active(self, stream: str, *, timeout: float = 30.0) -> StreamSummary:  # noqa: ASYNC109 - public API
+        """Poll DescribeStreamSummary until the stream is ``ACTIVE``.
+
+        A stream just created may briefly be unknown (the API is eventually consistent), so
+        ``ResourceNotFound`` is tolerated until the deadline.
+
+        Args:
+            stream: the stream name.
+            timeout: seconds to wait.
+
+        Returns:
+            The summary of the active stream.
+
+        Raises:
+            ResourceNotFound: the stream still did not exist at the deadline.
+            ResourceInUse: the stream was not active at the deadline.
+        """
+        deadline = time.monotonic() + timeout
+        interval = 0.05
+        while True:
+            try:
+                summary = await self.describe_stream_summary(stream)
+            except ResourceNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+            else:
+                if summary.stream_status == "ACTIVE":
+                    return summary
+                if time.monotonic() >= deadline:
+                    raise ResourceInUse(
+                        f"stream {stream!r} is still {summary.stream_status} after {timeout:g} s",
+                        operation="DescribeStreamSummary",
+                    )
+            await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+            interval = min(interval * 2, 1.0)
+
+    async def split_shard(self, stream: str, shard_id: str, new_starting_hash_key: int) -> None:
+        """Split a shard in two at ``new_starting_hash_key`` (the first key of the upper child).
+
+        Raises:
+            ResourceInUse: the stream is not ACTIVE.
+            InvalidArgument: the hash key is outside the shard's range.
+        """
+        request = _SplitShardInput(
+            stream_name=stream, shard_to_split=shard_id, new_starting_hash_key=str(new_starting_hash_key)
+        )
+        await self._call("SplitShard", request)
+
+    async def merge_shards(self, stream: str, shard_id: str, adjacent_shard_id: str) -> None:
+        """Merge two shards with adjacent hash key ranges into one.
+
+        Raises:
+            ResourceInUse: the stream is not ACTIVE.
+            InvalidArgument: the shards are not adjacent.
+        """
+        request = _MergeShardsInput(
+            stream_name=stream, shard_to_merge=shard_id, adjacent_shard_to_merge=adjacent_shard_id
+        )
+        await self._call("MergeShards", request)
+
+    async def update_shard_count(self, stream: str, target: int) -> None:
+        """Reshard uniformly to ``target`` open shards.
+
+        Raises:
+            ResourceInUse: the stream is not ACTIVE.
+            Throttled: the UpdateShardCount quota was exceeded.
+        """
+        request = _UpdateShardCountInput(
+            stream_name=stream, target_shard_count=target, scaling_type="UNIFORM_SCALING"
+        )
+        await self._call("UpdateShardCount", request)

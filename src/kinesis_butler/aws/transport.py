@@ -1,0 +1,428 @@
+"""The JSON transport: signs, sends and retries AWS JSON-protocol calls over one aiohttp session.
+
+One call is ``POST /`` with an ``X-Amz-Target`` header and a JSON body. The transport returns the
+raw response bytes of a 2xx answer so each operation decodes them with its own cached msgspec
+decoder (the GetRecords hot path never builds Python dicts). Error answers become the typed
+errors of :mod:`kinesis_butler.errors`.
+
+Retries use full-jitter exponential backoff (``sleep = random() * min(cap, base * 2**attempt)``)
+for retriable errors, 5xx answers and connection failures. ``ExpiredIterator`` is retriable for
+the *caller* (with a new iterator) but retrying the same request cannot succeed, so it is raised
+at once. Each call may lower or raise its attempt budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, Protocol
+from urllib.parse import urlsplit
+
+import aiohttp
+import msgspec
+
+from kinesis_butler.aws.credentials import CredentialsProvider
+from kinesis_butler.aws.signer import SigV4Signer, canonical_host, canonical_path
+from kinesis_butler.errors import (
+    AccessDenied,
+    AwsError,
+    ClosedError,
+    ConditionalCheckFailed,
+    ConfigError,
+    EndpointUnreachable,
+    ExpiredIterator,
+    InvalidArgument,
+    ResourceInUse,
+    ResourceNotFound,
+    ServiceUnavailable,
+    Throttled,
+)
+
+__all__ = ["ERROR_CODES", "JsonTransport", "Transport", "TransportOptions", "error_from_response"]
+
+logger = logging.getLogger(__name__)
+
+_USER_AGENT: Final = "kinesis-butler/0.1"
+
+#: The short ``__type`` codes and the error each one raises. Unknown codes raise ``AwsError``
+#: (or ``ServiceUnavailable`` with a 5xx status).
+ERROR_CODES: Final[dict[str, type[AwsError]]] = {
+    "ResourceNotFoundException": ResourceNotFound,
+    "ResourceInUseException": ResourceInUse,
+    "InvalidArgumentException": InvalidArgument,
+    "ValidationException": InvalidArgument,
+    "SerializationException": InvalidArgument,
+    "AccessDeniedException": AccessDenied,
+    "UnrecognizedClientException": AccessDenied,
+    "InvalidSignatureException": AccessDenied,
+    "ExpiredTokenException": AccessDenied,
+    "IncompleteSignature": AccessDenied,
+    "ExpiredIteratorException": ExpiredIterator,
+    "ProvisionedThroughputExceededException": Throttled,
+    "LimitExceededException": Throttled,
+    "ThrottlingException": Throttled,
+    "KMSThrottlingException": Throttled,
+    "RequestLimitExceeded": Throttled,
+    "ConditionalCheckFailedException": ConditionalCheckFailed,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TransportOptions:
+    """Timeouts, retry budget and connection pool of a transport.
+
+    Attributes:
+        connect_timeout: seconds to open a TCP (and TLS) connection.
+        total_timeout: seconds for one attempt, from sending to the last byte of the answer.
+        max_attempts: attempts per call, the first included (1 disables retries).
+        backoff_base: the first backoff ceiling, in seconds; it doubles per retry.
+        backoff_cap: the largest backoff ceiling, in seconds.
+        pool_limit: simultaneous connections (a consumer of N shards needs about N).
+        keepalive_timeout: seconds an idle connection stays pooled.
+    """
+
+    connect_timeout: float = 5.0
+    total_timeout: float = 30.0
+    max_attempts: int = 8
+    backoff_base: float = 0.1
+    backoff_cap: float = 5.0
+    pool_limit: int = 256
+    keepalive_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        for name in ("connect_timeout", "total_timeout", "keepalive_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.backoff_base < 0 or self.backoff_cap < 0:
+            raise ConfigError("backoff_base and backoff_cap must not be negative")
+        if self.pool_limit < 1:
+            raise ConfigError(f"pool_limit must be at least 1, got {self.pool_limit}")
+
+
+class Transport(Protocol):
+    """The seam between typed operations and the wire: send one operation, get its 2xx body.
+
+    :class:`JsonTransport` is the real one; tests and fakes implement this to answer
+    operations without a network.
+    """
+
+    @property
+    def endpoint_url(self) -> str:
+        """The endpoint calls go to."""
+        ...
+
+    @property
+    def region(self) -> str:
+        """The region calls are signed for."""
+        ...
+
+    async def call(self, operation: str, body: bytes, *, max_attempts: int | None = None) -> bytes:
+        """Send ``operation`` with the JSON ``body``; return the body of the 2xx answer."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"  # no session yet; the first call creates it in the running loop
+    OPENED = "opened"  # a session exists and serves calls
+    CLOSED = "closed"  # aclose() ran; every later call raises ClosedError
+
+
+class _ErrorBody(msgspec.Struct):
+    # AWS JSON errors spell the message both ways depending on the service.
+    type: str | None = msgspec.field(default=None, name="__type")
+    message: str | None = None
+    Message: str | None = None
+
+
+_error_decoder: Final = msgspec.json.Decoder(_ErrorBody)
+
+
+def error_from_response(
+    operation: str, status: int, body: bytes, request_id: str | None, error_type_header: str | None = None
+) -> AwsError:
+    """Build the typed error for a non-2xx answer.
+
+    Args:
+        operation: the API operation, e.g. ``GetRecords``.
+        status: the HTTP status.
+        body: the response body (JSON, or anything a proxy sent).
+        request_id: the ``x-amzn-RequestId`` header.
+        error_type_header: the ``x-amzn-ErrorType`` header, used when the body has no ``__type``.
+
+    Returns:
+        An instance of the mapped :class:`AwsError` subclass.
+    """
+    code = ""
+    message = ""
+    try:
+        parsed = _error_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        snippet = body[:200].decode("utf-8", "replace").strip()
+        message = f"HTTP {status} with a non-JSON body: {snippet!r}" if snippet else f"HTTP {status}"
+    else:
+        code = parsed.type or ""
+        message = parsed.message or parsed.Message or ""
+    if not code and error_type_header:
+        code = error_type_header.split(":", 1)[0]
+    # "com.amazonaws.kinesis.v20131202#ResourceNotFoundException" -> "ResourceNotFoundException"
+    code = code.rsplit("#", 1)[-1]
+    cls = ERROR_CODES.get(code)
+    if cls is None:
+        cls = ServiceUnavailable if status >= 500 else AwsError
+    return cls(
+        message or code or f"HTTP {status}",
+        operation=operation,
+        code=code,
+        request_id=request_id,
+        status=status,
+    )
+
+
+class _Unreachable(Exception):
+    """One attempt got no answer; ``call`` retries or turns it into ``EndpointUnreachable``."""
+
+    retriable = True
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _full_jitter(attempt: int, base: float, cap: float, rand: Callable[[], float]) -> float:
+    return rand() * min(cap, base * (1 << attempt))
+
+
+class JsonTransport:
+    """Sends signed AWS JSON-protocol calls to one service endpoint, with retries.
+
+    The aiohttp session is created lazily inside the running event loop on the first call and
+    closed by :meth:`aclose`. A closed transport cannot be reopened.
+    """
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        target_prefix: str,
+        credentials: CredentialsProvider,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        content_type: str = "application/x-amz-json-1.1",
+        options: TransportOptions | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        """Create a transport. No connection is made until the first call.
+
+        Args:
+            service: the signing name and endpoint prefix (``kinesis``, ``dynamodb``).
+            target_prefix: prefix of ``X-Amz-Target`` (``Kinesis_20131202``, ``DynamoDB_20120810``).
+            credentials: where credentials come from.
+            region: the region; defaults to the credentials provider's region.
+            endpoint_url: e.g. ``http://127.0.0.1:4567``; defaults to
+                ``https://{service}.{region}.amazonaws.com``.
+            content_type: the JSON protocol version's content type.
+            options: timeouts, retries and pool size.
+            sleep: awaited between retries; injectable so tests do not wait.
+            rand: returns a float in [0, 1) for jitter; injectable for tests.
+            clock: epoch-seconds clock for signing; injectable for tests.
+
+        Raises:
+            ConfigError: no region is configured, or the endpoint URL is not http(s)://host.
+        """
+        self.options = options or TransportOptions()
+        self.region = region or credentials.region
+        self.service = service
+        self.endpoint_url = endpoint_url or f"https://{service}.{self.region}.amazonaws.com"
+        parts = urlsplit(self.endpoint_url)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise ConfigError(
+                f"invalid endpoint URL {self.endpoint_url!r}: expected http(s)://host[:port], "
+                "e.g. --endpoint-url http://127.0.0.1:4567"
+            )
+        self._credentials = credentials
+        self._target_prefix = target_prefix
+        self._content_type = content_type
+        self._host = canonical_host(self.endpoint_url)
+        self._path = canonical_path(self.endpoint_url)
+        self._signer = (
+            SigV4Signer(service, self.region)
+            if clock is None
+            else SigV4Signer(service, self.region, clock=clock)
+        )
+        self._sleep = sleep
+        self._rand = rand
+        self._timeout = aiohttp.ClientTimeout(
+            total=self.options.total_timeout, sock_connect=self.options.connect_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._state = _State.UNOPENED
+
+    def __repr__(self) -> str:
+        return f"JsonTransport(endpoint_url={self.endpoint_url!r}, state={self._state.value})"
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` ran."""
+        return self._state is _State.CLOSED
+
+    def _open_session(self) -> aiohttp.ClientSession:
+        if self._state is _State.CLOSED:
+            raise ClosedError(f"this client for {self.endpoint_url} was closed; create a new one")
+        loop = asyncio.get_running_loop()
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=self.options.pool_limit,
+                keepalive_timeout=self.options.keepalive_timeout,
+                ttl_dns_cache=60,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                headers={"User-Agent": _USER_AGENT},
+                # The body is read as bytes and decoded by msgspec; cookies are never used.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                raise_for_status=False,
+                # GetRecords answers reach 10 MiB; a 64 KiB high-water mark pauses and resumes
+                # the socket dozens of times per answer.
+                read_bufsize=1 << 20,
+            )
+            self._loop = loop
+            self._state = _State.OPENED
+        elif self._loop is not loop:
+            raise ConfigError(
+                "this client was first used in another event loop; create one client per event loop"
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        """Close the session and its connections. Safe to call more than once."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    async def __aenter__(self) -> JsonTransport:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def call(
+        self,
+        operation: str,
+        body: bytes,
+        *,
+        max_attempts: int | None = None,
+        attempt_timeout: float | None = None,
+    ) -> bytes:
+        """Send one operation and return the raw body of its 2xx answer.
+
+        Args:
+            operation: the API operation, e.g. ``GetRecords``.
+            body: the JSON request body.
+            max_attempts: this call's attempt budget (defaults to the options'); 1 disables retries.
+            attempt_timeout: this call's per-attempt total timeout in seconds (defaults to the options').
+
+        Returns:
+            The response body bytes.
+
+        Raises:
+            AwsError: the service answered with an error (a typed subclass where known).
+            EndpointUnreachable: no answer after every attempt (refused, DNS, timeout).
+            ClosedError: the transport was closed.
+        """
+        session = self._open_session()
+        attempts = self.options.max_attempts if max_attempts is None else max(1, max_attempts)
+        client_timeout = (
+            self._timeout
+            if attempt_timeout is None
+            else aiohttp.ClientTimeout(total=attempt_timeout, sock_connect=self.options.connect_timeout)
+        )
+        target = f"{self._target_prefix}.{operation}"
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(session, operation, target, body, client_timeout)
+            except ExpiredIterator:
+                raise  # retrying the same iterator cannot succeed; the caller needs a new one
+            except (AwsError, _Unreachable) as exc:
+                attempt += 1
+                if not exc.retriable or attempt >= attempts:
+                    if isinstance(exc, _Unreachable):
+                        raise self._unreachable(operation, exc.reason, attempt) from exc.__cause__
+                    raise
+                if self._state is _State.CLOSED:
+                    raise ClosedError(f"this client for {self.endpoint_url} was closed") from exc
+                delay = _full_jitter(
+                    attempt - 1, self.options.backoff_base, self.options.backoff_cap, self._rand
+                )
+                logger.debug(
+                    "%s attempt %d/%d failed (%s); retrying in %.3f s",
+                    operation,
+                    attempt,
+                    attempts,
+                    exc,
+                    delay,
+                )
+                await self._sleep(delay)
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        operation: str,
+        target: str,
+        body: bytes,
+        client_timeout: aiohttp.ClientTimeout,
+    ) -> bytes:
+        credentials = await self._credentials.aget()
+        headers = self._signer.sign(
+            credentials,
+            host=self._host,
+            target=target,
+            body=body,
+            content_type=self._content_type,
+            path=self._path,
+        )
+        try:
+            async with session.post(
+                self.endpoint_url, data=body, headers=headers, timeout=client_timeout
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+                if 200 <= status < 300:
+                    return payload
+                resp_headers = resp.headers
+                raise error_from_response(
+                    operation,
+                    status,
+                    payload,
+                    resp_headers.get("x-amzn-RequestId") or resp_headers.get("x-amz-request-id"),
+                    resp_headers.get("x-amzn-ErrorType"),
+                )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if self._state is _State.CLOSED:
+                raise ClosedError(f"this client for {self.endpoint_url} was closed") from exc
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            raise _Unreachable(reason) from exc
+
+    def _unreachable(self, operation: str, reason: str, attempts: int) -> EndpointUnreachable:
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        return EndpointUnreachable(
+            f"{operation} could not reach {self.endpoint_url} after {tries} ({reason}); "
+            "check --endpoint-url and that the service is running and reachable"
+        )
