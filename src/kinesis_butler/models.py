@@ -41,6 +41,7 @@ class Record(
         "explicit_hash_key": "ExplicitHashKey",
     },
     omit_defaults=True,
+    gc=False,  # only bytes/str/float fields: no cycles possible; ~10% faster GetRecords decode
 ):
     """One Kinesis record as delivered to a processor.
 
