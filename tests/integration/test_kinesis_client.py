@@ -3,52 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from kinesis_butler.aws import AwsCredentials, GetRecordsResult, KinesisClient, PutRecordsEntry, ShardFilter
+from kinesis_butler.aws import GetRecordsResult, KinesisClient, PutRecordsEntry, ShardFilter
 from kinesis_butler.errors import AwsError, ResourceInUse, ResourceNotFound
 from kinesis_butler.models import Record, Shard
+from tests.integration.conftest import DEADLINE, StreamFactory
 
 pytestmark = pytest.mark.integration
 
 MAX_HASH = 2**128 - 1
-DEADLINE = 20.0  # seconds any wait below may take before the test fails
-
-
-@pytest.fixture
-async def kinesis(kinesis_endpoint: str) -> AsyncIterator[KinesisClient]:
-    async with KinesisClient(
-        endpoint_url=kinesis_endpoint, region="us-east-1", credentials=AwsCredentials("test", "test")
-    ) as client:
-        yield client
-
-
-StreamFactory = Callable[[int], Awaitable[str]]
-
-
-@pytest.fixture
-async def new_stream(kinesis: KinesisClient) -> AsyncIterator[StreamFactory]:
-    """Creates fresh ACTIVE streams with unique names; deletes them after the test."""
-    created: list[str] = []
-
-    async def create(shard_count: int) -> str:
-        name = f"kb-aws-{uuid.uuid4().hex[:12]}"
-        await kinesis.create_stream(name, shard_count)
-        created.append(name)
-        await kinesis.wait_for_active(name, timeout=DEADLINE)
-        return name
-
-    yield create
-    for name in created:
-        with contextlib.suppress(ResourceNotFound, ResourceInUse):
-            await kinesis.delete_stream(name)
 
 
 async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
