@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
+
+from kinesis_butler import AsyncConsumer, Record
 
 POLL_INTERVAL = 0.01  # how often a wait re-checks its condition
 
@@ -26,3 +29,30 @@ def wait_until_sync(condition: Callable[[], bool], *, timeout: float = 10.0, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(POLL_INTERVAL)
+
+
+class Collector:
+    """A processor function that remembers every record, in delivery order."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    async def __call__(self, records: list[Record]) -> None:
+        self.records.extend(records)
+
+    @property
+    def numbers(self) -> list[int]:
+        """The ``n`` of each ``{"n": ...}`` payload, in delivery order."""
+        return [json.loads(r.data)["n"] for r in self.records]
+
+
+async def consume_until(
+    consumer: AsyncConsumer, condition: Callable[[], bool], *, timeout: float = 60.0
+) -> None:
+    """Run ``consumer`` until ``condition`` holds, then stop it gracefully and wait for it."""
+    runner = asyncio.create_task(consumer.run())
+    try:
+        await wait_until(condition, timeout=timeout, what="records to arrive")
+    finally:
+        consumer.request_stop()
+        await runner

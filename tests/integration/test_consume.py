@@ -13,6 +13,7 @@ from kinesis_butler import (
     AsyncConsumer,
     Consumer,
     ConsumerConfig,
+    Lease,
     ProcessRecordsInput,
     Record,
     RecordProcessorBase,
@@ -20,7 +21,7 @@ from kinesis_butler import (
 )
 from kinesis_butler.aws import KinesisClient
 from kinesis_butler.stores import open_store
-from tests.helpers import wait_until, wait_until_sync
+from tests.helpers import Collector, consume_until, wait_until, wait_until_sync
 from tests.integration.conftest import StreamFactory, put_numbers
 
 pytestmark = pytest.mark.integration
@@ -35,31 +36,17 @@ CONFIG = ConsumerConfig(
 )
 
 
-class Collector:
-    """A processor function that remembers every record and the order shards were read in."""
-
-    def __init__(self) -> None:
-        self.records: list[Record] = []
-
-    async def __call__(self, records: list[Record]) -> None:
-        self.records.extend(records)
-
-    @property
-    def numbers(self) -> list[int]:
-        return [json.loads(r.data)["n"] for r in self.records]
-
-
-async def _consume_until(consumer: AsyncConsumer, condition: object, timeout: float = 60) -> None:
-    runner = asyncio.create_task(consumer.run())
-    try:
-        await wait_until(condition, timeout=timeout, what="records to arrive")  # type: ignore[arg-type]
-    finally:
-        consumer.request_stop()
-        await runner
-
-
 def _sqlite(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'leases.db'}"
+
+
+async def _leases(tmp_path: Path) -> dict[str, Lease]:
+    store = open_store(_sqlite(tmp_path), "app")
+    await store.initialize()
+    try:
+        return {lease.lease_key: lease for lease in await store.list_leases()}
+    finally:
+        await store.aclose()
 
 
 async def test_every_record_of_a_4_shard_stream_is_consumed_exactly_once(
@@ -69,17 +56,14 @@ async def test_every_record_of_a_4_shard_stream_is_consumed_exactly_once(
     await put_numbers(kinesis, stream, 0, 2000)
     collect = Collector()
     consumer = AsyncConsumer(stream, "app", collect, store=_sqlite(tmp_path), client=kinesis, config=CONFIG)
-    await _consume_until(consumer, lambda: len(collect.records) >= 2000)
+    await consume_until(consumer, lambda: len(collect.records) >= 2000)
     assert Counter(collect.numbers) == Counter(range(2000))
     per_shard: dict[str, list[int]] = defaultdict(list)
     for record in collect.records:
         per_shard[record.shard_id].append(int(record.sequence_number))
     assert len(per_shard) == 4
     assert all(seqs == sorted(seqs) for seqs in per_shard.values())
-    store = open_store(_sqlite(tmp_path), "app")
-    await store.initialize()
-    leases = await store.list_leases()
-    await store.aclose()
+    leases = list((await _leases(tmp_path)).values())
     assert len(leases) == 4
     assert all(lease.lease_owner is None for lease in leases)  # released on shutdown
     last = {shard: str(seqs[-1]) for shard, seqs in per_shard.items()}
@@ -92,13 +76,13 @@ async def test_stop_and_restart_resumes_with_nothing_lost_or_repeated(
     stream = await new_stream(4)
     await put_numbers(kinesis, stream, 0, 600)
     first = Collector()
-    await _consume_until(
+    await consume_until(
         AsyncConsumer(stream, "app", first, store=_sqlite(tmp_path), client=kinesis, config=CONFIG),
         lambda: len(first.records) >= 600,
     )
     await put_numbers(kinesis, stream, 600, 400)
     second = Collector()
-    await _consume_until(
+    await consume_until(
         AsyncConsumer(stream, "app", second, store=_sqlite(tmp_path), client=kinesis, config=CONFIG),
         lambda: len(second.records) >= 400,
     )
@@ -149,10 +133,7 @@ async def test_split_and_merge_mid_consumption_keep_every_record_and_parent_orde
                 )
                 checked += 1
     assert checked >= 2
-    store = open_store(_sqlite(tmp_path), "app")
-    await store.initialize()
-    leases = {lease.lease_key: lease for lease in await store.list_leases()}
-    await store.aclose()
+    leases = await _leases(tmp_path)
     assert leases[first].checkpoint.is_shard_end
     assert leases[second].checkpoint.is_shard_end
     assert leases[upper].checkpoint.is_shard_end
@@ -182,12 +163,9 @@ async def test_a_kcl_style_processor_sees_its_lifecycle_and_checkpoints_sub_sequ
             events.append("shard_ended")
 
     consumer = AsyncConsumer(stream, "app", Processor, store=_sqlite(tmp_path), client=kinesis, config=CONFIG)
-    await _consume_until(consumer, lambda: len(got) >= 50)
+    await consume_until(consumer, lambda: len(got) >= 50)
     assert events == ["initialize", "shutdown_requested"]
-    store = open_store(_sqlite(tmp_path), "app")
-    await store.initialize()
-    (lease,) = await store.list_leases()
-    await store.aclose()
+    (lease,) = (await _leases(tmp_path)).values()
     assert lease.checkpoint.sequence == got[-1].sequence_number
     assert lease.checkpoint.sub_sequence == 0
 

@@ -28,7 +28,7 @@ from kinesis_butler import (
 from kinesis_butler.errors import ExpiredIterator, Throttled
 from kinesis_butler.stores import MemoryBacking, MemoryLeaseStore
 from kinesis_butler.testing.fake import FakeKinesis
-from tests.helpers import wait_until
+from tests.helpers import Collector, consume_until, wait_until
 
 FAST = ConsumerConfig(
     failover_time=1.0,
@@ -47,37 +47,16 @@ def _fill(fake: FakeKinesis, stream: str, count: int, start: int = 0) -> None:
         fake.put(stream, json.dumps({"n": n}).encode(), f"key-{n % 13}")
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.seen: list[Record] = []
-
-    async def __call__(self, records: list[Record]) -> None:
-        self.seen.extend(records)
-
-    @property
-    def numbers(self) -> list[int]:
-        return [json.loads(r.data)["n"] for r in self.seen]
-
-
-async def _run_until(consumer: AsyncConsumer, condition: object, timeout: float = 10.0) -> None:
-    runner = asyncio.create_task(consumer.run())
-    try:
-        await wait_until(condition, timeout=timeout, what="records")  # type: ignore[arg-type]
-    finally:
-        consumer.request_stop()
-        await runner
-
-
 async def test_every_record_is_consumed_once_in_shard_order() -> None:
     fake = FakeKinesis()
     fake.create_stream("s", 4)
     _fill(fake, "s", 400)
     collect = Collector()
     consumer = AsyncConsumer("s", "app", collect, store=MemoryLeaseStore("app"), client=fake, config=FAST)
-    await _run_until(consumer, lambda: len(collect.seen) >= 400)
+    await consume_until(consumer, lambda: len(collect.records) >= 400)
     assert sorted(collect.numbers) == list(range(400))
     by_shard: dict[str, list[int]] = defaultdict(list)
-    for record in collect.seen:
+    for record in collect.records:
         by_shard[record.shard_id].append(int(record.sequence_number))
         assert record.stream == "s"
     assert len(by_shard) == 4
@@ -90,19 +69,19 @@ async def test_restart_resumes_after_the_last_checkpoint() -> None:
     backing = MemoryBacking()
     _fill(fake, "s", 100)
     first = Collector()
-    await _run_until(
+    await consume_until(
         AsyncConsumer(
             "s", "app", first, store=MemoryLeaseStore("app", backing=backing), client=fake, config=FAST
         ),
-        lambda: len(first.seen) >= 100,
+        lambda: len(first.records) >= 100,
     )
     _fill(fake, "s", 50, start=100)
     second = Collector()
-    await _run_until(
+    await consume_until(
         AsyncConsumer(
             "s", "app", second, store=MemoryLeaseStore("app", backing=backing), client=fake, config=FAST
         ),
-        lambda: len(second.seen) >= 50,
+        lambda: len(second.records) >= 50,
     )
     assert sorted(second.numbers) == list(range(100, 150))
     assert sorted(first.numbers) == list(range(100))
@@ -124,7 +103,7 @@ async def test_a_raising_processor_gets_the_same_batch_again() -> None:
             await process_records_input.checkpointer.checkpoint()
 
     consumer = AsyncConsumer("s", "app", Flaky, store=MemoryLeaseStore("app"), client=fake, config=FAST)
-    await _run_until(consumer, lambda: len(delivered) >= 10)
+    await consume_until(consumer, lambda: len(delivered) >= 10)
     assert attempts[:3] == [1, 2, 3]
     assert delivered == list(range(10))
     assert consumer.failures == []
@@ -144,7 +123,7 @@ async def test_a_processor_that_keeps_raising_stops_its_shard_without_checkpoint
 
     config = dataclasses.replace(FAST, processor_max_attempts=3)
     consumer = AsyncConsumer("s", "app", broken, store=store, client=fake, config=config)
-    await _run_until(consumer, lambda: bool(consumer.failures))
+    await consume_until(consumer, lambda: bool(consumer.failures))
     (failure,) = consumer.failures
     assert isinstance(failure, ProcessorFailed)
     assert failure.attempts == 3 and calls == 3
@@ -163,9 +142,9 @@ async def test_expired_iterators_and_throttling_lose_and_repeat_nothing() -> Non
     config = dataclasses.replace(FAST, max_records=10)
     consumer = AsyncConsumer("s", "app", collect, store=MemoryLeaseStore("app"), client=fake, config=config)
     runner = asyncio.create_task(consumer.run())
-    await wait_until(lambda: len(collect.seen) >= 10)
+    await wait_until(lambda: len(collect.records) >= 10)
     fake.fail_next("get_records", ExpiredIterator("expired", operation="GetRecords"))
-    await wait_until(lambda: len(collect.seen) >= 30)
+    await wait_until(lambda: len(collect.records) >= 30)
     consumer.request_stop()
     await runner
     assert collect.numbers == list(range(30))
@@ -179,15 +158,15 @@ async def test_children_start_only_after_their_parents_reach_shard_end() -> None
     store = MemoryLeaseStore("app")
     consumer = AsyncConsumer("s", "app", collect, store=store, client=fake, config=FAST)
     runner = asyncio.create_task(consumer.run())
-    await wait_until(lambda: len(collect.seen) >= 60)
+    await wait_until(lambda: len(collect.records) >= 60)
     left, right = fake.split("s", "shardId-000000000000")
     merged = fake.merge("s", right, "shardId-000000000001")
     _fill(fake, "s", 60, start=60)
-    await wait_until(lambda: len(collect.seen) >= 120)
+    await wait_until(lambda: len(collect.records) >= 120)
     consumer.request_stop()
     await runner
     assert sorted(collect.numbers) == list(range(120))
-    order = [r.shard_id for r in collect.seen]
+    order = [r.shard_id for r in collect.records]
     last_of = {shard: max(i for i, s in enumerate(order) if s == shard) for shard in set(order)}
     first_of = {shard: min(i for i, s in enumerate(order) if s == shard) for shard in set(order)}
     for parent, child in [
