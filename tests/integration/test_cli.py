@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -159,3 +160,23 @@ def test_the_demo_resumes_from_its_checkpoints_on_a_second_run(tmp_path: Path) -
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resumed from the checkpoints: read only the 400 new records" in second.stdout
     assert "processed 400 of 400 records" in second.stdout
+
+
+async def test_local_runs_the_emulator_until_sigterm_and_creates_streams(tmp_path: Path) -> None:
+    port = free_port()
+    process = _cli("local", "--port", str(port), "--create-stream", "local-s:2", cwd=tmp_path)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        line = await asyncio.to_thread(process.stdout.readline)  # type: ignore[union-attr]
+        assert endpoint in line
+        created = await asyncio.to_thread(process.stdout.readline)  # type: ignore[union-attr]
+        assert "created stream local-s (2 shards)" in created
+        async with KinesisClient(endpoint_url=endpoint, region="us-east-1") as client:
+            summary = await client.describe_stream_summary("local-s")
+        assert summary.open_shard_count == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(process.communicate, timeout=30)
+    assert process.returncode == 0
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived the command"
