@@ -53,6 +53,20 @@ class LeaseStore(Protocol):
         """Write the checkpoint: counter+1, owner_switches=0, pending replaced.
         Requires the stored counter and owner to match ``lease``."""
 
+    async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
+        """Start a planned move (graceful handoff, KCL 3 style): lease_owner=``new_owner``,
+        checkpoint_owner=the current owner, counter+1. Requires the stored counter and owner
+        to match ``lease``, an owner, and no checkpoint_owner.
+
+        Until the old owner completes the handoff, nobody else writes the lease: the new owner
+        waits (and takes it over only if the counter stays unchanged for the failover time,
+        i.e. the old owner died), so the old owner's final checkpoint cannot be fenced out."""
+
+    async def complete_handoff(self, lease: Lease, checkpoint: ExtendedSequenceNumber | None) -> Lease:
+        """The old owner's last write: the final checkpoint (if given; owner_switches=0),
+        checkpoint_owner cleared, counter+1. Requires the stored counter to match ``lease``
+        and ``lease.checkpoint_owner`` to be set; the new owner may start after this."""
+
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
         """Record the children of a shard. Fenced like the other writes."""
 

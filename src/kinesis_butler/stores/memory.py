@@ -173,6 +173,38 @@ class MemoryLeaseStore:
             lambda table: _write(table, "checkpoint", lease, check_owner=True, changes=changes)
         )
 
+    async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
+        """Planned move to ``new_owner``; see :meth:`LeaseStore.initiate_handoff`."""
+
+        def handoff(table: dict[str, Lease]) -> Lease:
+            stored = _check(table, "hand off", lease, check_owner=True)
+            _require_handoff_state(stored, "hand off", starting=True)
+            changes = {
+                "lease_owner": new_owner,
+                "checkpoint_owner": stored.lease_owner,
+                "owner_switches_since_checkpoint": stored.owner_switches_since_checkpoint + 1,
+            }
+            return _write(table, "hand off", lease, check_owner=True, changes=changes)
+
+        return await self._call(handoff)
+
+    async def complete_handoff(self, lease: Lease, checkpoint: ExtendedSequenceNumber | None) -> Lease:
+        """The old owner's final write; see :meth:`LeaseStore.complete_handoff`."""
+
+        def complete(table: dict[str, Lease]) -> Lease:
+            stored = _check(table, "complete the handoff of", lease, check_owner=False)
+            _require_handoff_state(stored, "complete the handoff of", starting=False)
+            changes: dict[str, object] = {"checkpoint_owner": None}
+            if checkpoint is not None:
+                changes |= {
+                    "checkpoint": checkpoint,
+                    "pending_checkpoint": None,
+                    "owner_switches_since_checkpoint": 0,
+                }
+            return _write(table, "complete the handoff of", lease, check_owner=False, changes=changes)
+
+        return await self._call(complete)
+
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
         """Record the children of a shard; requires the stored counter to match ``lease``."""
         changes = {"child_shard_ids": frozenset(child_shard_ids)}
@@ -210,6 +242,20 @@ def _check(table: dict[str, Lease], op: str, lease: Lease, *, check_owner: bool)
         f"cannot {op} lease {key!r} at counter {counter}: {reason}",
         lease_key=key,
         expected_counter=counter,
+    )
+
+
+def _require_handoff_state(stored: Lease, op: str, *, starting: bool) -> None:
+    if starting and (stored.lease_owner is None or stored.checkpoint_owner is not None):
+        reason = "it has no owner" if stored.lease_owner is None else "a handoff is already under way"
+    elif not starting and stored.checkpoint_owner is None:
+        reason = "no handoff is under way"
+    else:
+        return
+    raise StaleLease(
+        f"cannot {op} lease {stored.lease_key!r}: {reason}",
+        lease_key=stored.lease_key,
+        expected_counter=stored.lease_counter,
     )
 
 

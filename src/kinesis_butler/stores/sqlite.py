@@ -110,6 +110,19 @@ _CHECKPOINT: Final = _fenced_update(
     " pending_checkpoint = :pending_checkpoint, pending_checkpoint_sub = :pending_checkpoint_sub",
     check_owner=True,
 )
+# Handoff start: the current owner becomes checkpoint_owner; only when none is set.
+_HANDOFF: Final = _fenced_update(
+    ", checkpoint_owner = lease_owner, lease_owner = :new_owner, owner_switches = owner_switches + 1",
+    check_owner=True,
+).replace(" RETURNING", " AND lease_owner IS NOT NULL AND checkpoint_owner IS NULL RETURNING")
+_COMPLETE_HANDOFF: Final = _fenced_update(", checkpoint_owner = NULL", check_owner=False).replace(
+    " RETURNING", " AND checkpoint_owner IS NOT NULL RETURNING"
+)
+_COMPLETE_HANDOFF_WITH_CHECKPOINT: Final = _fenced_update(
+    ", checkpoint_owner = NULL, checkpoint = :checkpoint, checkpoint_sub = :checkpoint_sub,"
+    " owner_switches = 0, pending_checkpoint = NULL, pending_checkpoint_sub = NULL",
+    check_owner=False,
+).replace(" RETURNING", " AND checkpoint_owner IS NOT NULL RETURNING")
 _LINEAGE: Final = _fenced_update(", child_shard_ids = :child_shard_ids", check_owner=False)
 _DELETE: Final = "DELETE FROM leases WHERE app = :app AND lease_key = :key AND lease_counter = :counter"
 
@@ -223,6 +236,23 @@ class SqliteLeaseStore:
             **_position("pending_checkpoint", pending_checkpoint),
         }
         return await self._fenced("checkpoint", _CHECKPOINT, lease, check_owner=True, **positions)
+
+    async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
+        """Planned move to ``new_owner``; see :meth:`LeaseStore.initiate_handoff`."""
+        return await self._fenced("hand off", _HANDOFF, lease, check_owner=True, new_owner=new_owner)
+
+    async def complete_handoff(self, lease: Lease, checkpoint: ExtendedSequenceNumber | None) -> Lease:
+        """The old owner's final write; see :meth:`LeaseStore.complete_handoff`."""
+        if checkpoint is None:
+            return await self._fenced("complete the handoff of", _COMPLETE_HANDOFF, lease, check_owner=False)
+        return await self._fenced(
+            "complete the handoff of",
+            _COMPLETE_HANDOFF_WITH_CHECKPOINT,
+            lease,
+            check_owner=False,
+            checkpoint=checkpoint.sequence,
+            checkpoint_sub=checkpoint.sub_sequence,
+        )
 
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
         """Record the children of a shard; requires the stored counter to match ``lease``."""
@@ -384,6 +414,10 @@ class SqliteLeaseStore:
                 reason = f"its counter moved on to {row[0]}"
             elif check_owner and row[1] != lease.lease_owner:
                 reason = f"it is owned by {row[1]!r}, not {lease.lease_owner!r}"
+            elif op.endswith("hand off"):
+                reason = "it has no owner or a handoff is already under way"
+            elif "handoff" in op:
+                reason = "no handoff is under way"
             else:
                 reason = "it changed and changed back"
         return StaleLease(

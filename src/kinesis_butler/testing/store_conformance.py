@@ -262,6 +262,57 @@ class LeaseStoreConformance:
         assert ended.pending_checkpoint is None
         assert await store.get_lease(lease.lease_key) == ended
 
+    async def test_handoff_moves_ownership_and_keeps_the_old_owner_as_checkpoint_owner(
+        self, store: LeaseStore
+    ) -> None:
+        lease = Lease(KEY, lease_owner="old", lease_counter=3, owner_switches_since_checkpoint=1)
+        await store.create_lease_if_absent(lease)
+        started = await store.initiate_handoff(lease, "new")
+        assert started == lease.replace(
+            lease_owner="new", checkpoint_owner="old", lease_counter=4, owner_switches_since_checkpoint=2
+        )
+        final = ExtendedSequenceNumber(SEQ_56, 2)
+        done = await store.complete_handoff(started, final)
+        assert done == started.replace(
+            checkpoint=final, checkpoint_owner=None, lease_counter=5, owner_switches_since_checkpoint=0
+        )
+        assert await store.get_lease(KEY) == done
+
+    async def test_complete_handoff_without_a_checkpoint_keeps_the_position(self, store: LeaseStore) -> None:
+        lease = Lease(KEY, lease_owner="old", checkpoint=ExtendedSequenceNumber("9"))
+        await store.create_lease_if_absent(lease)
+        started = await store.initiate_handoff(lease, "new")
+        done = await store.complete_handoff(started, None)
+        assert done == started.replace(checkpoint_owner=None, lease_counter=started.lease_counter + 1)
+
+    async def test_handoff_needs_an_owner_no_handoff_under_way_and_a_fresh_counter(
+        self, store: LeaseStore
+    ) -> None:
+        await store.create_lease_if_absent(Lease("unowned"))
+        with pytest.raises(StaleLease):
+            await store.initiate_handoff(Lease("unowned"), "new")
+        lease = Lease(KEY, lease_owner="old")
+        await store.create_lease_if_absent(lease)
+        with pytest.raises(StaleLease):
+            await store.complete_handoff(lease, None)  # no handoff under way
+        started = await store.initiate_handoff(lease, "new")
+        with pytest.raises(StaleLease):
+            await store.initiate_handoff(started, "third")  # one handoff at a time
+        with pytest.raises(StaleLease):
+            await store.initiate_handoff(lease, "third")  # stale counter
+        with pytest.raises(StaleLease):
+            await store.complete_handoff(lease, ExtendedSequenceNumber("5"))  # stale counter
+        assert await store.get_lease(KEY) == started
+
+    async def test_a_stuck_handoff_can_be_broken_by_a_take(self, store: LeaseStore) -> None:
+        lease = Lease(KEY, lease_owner="old")
+        await store.create_lease_if_absent(lease)
+        started = await store.initiate_handoff(lease, "new")
+        taken = await store.take_lease(started, "new")  # the old owner died mid-handoff
+        assert (taken.lease_owner, taken.checkpoint_owner) == ("new", None)
+        with pytest.raises(StaleLease):
+            await store.complete_handoff(started, ExtendedSequenceNumber("5"))
+
     async def test_update_lineage_replaces_children(self, store: LeaseStore) -> None:
         lease = ROUND_TRIP_LEASES["every-field"]
         await store.create_lease_if_absent(lease)
