@@ -9,6 +9,8 @@ import pytest
 
 from kinesis_butler.testing.emulator import KinesisEmulator
 
+pytest_plugins = ["tests.fixtures_postgres", "tests.fixtures_redis", "tests.fixtures_dynamodb"]
+
 # Dummy credentials for the local emulator; the real chain is never consulted in tests.
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "test-access-key")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test-secret-key")

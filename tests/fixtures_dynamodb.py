@@ -1,0 +1,1 @@
+"""Pytest fixtures for the dynamodb lease store (registered in tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Pytest fixtures for the postgres lease store (registered in tests/conftest.py)."""

@@ -1,0 +1,1 @@
+"""Pytest fixtures for the redis lease store (registered in tests/conftest.py)."""
