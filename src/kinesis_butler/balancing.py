@@ -14,7 +14,7 @@ Stealing converges fast without flapping:
   more leases than the thief; a difference of one is balanced;
 * a worker never steals while it is itself at or above the share.
 
-The KCL steals one lease per round (``maxLeasesToStealAtOneTime`` = 1) every 2 × failover,
+The KCL steals one lease per round (``maxLeasesToStealAtOneTime`` = 1) every 2 x failover,
 which is why its users wait minutes for a new worker to get its share.
 """
 
@@ -67,7 +67,7 @@ def plan_takes(
     live_leases = [
         lease for lease in active if lease.lease_owner is not None and lease.lease_key not in expired
     ]
-    load = Counter(lease.lease_owner for lease in live_leases)
+    load: Counter[str] = Counter(lease.lease_owner for lease in live_leases if lease.lease_owner is not None)
     workers = set(load) | {worker_id}
     target = math.ceil(len(active) / len(workers)) if active else 0
     if max_leases is not None:

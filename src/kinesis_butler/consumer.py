@@ -7,6 +7,9 @@ ways to use it:
 * a function of ``list[Record]``; each batch is checkpointed when it returns;
 * no processor: ``async with consumer: async for record in consumer: ...`` and
   ``await consumer.checkpoint(record)`` when you are done with a record.
+
+``stream`` may be a list of streams (multi-stream mode, namespaced lease keys); streams can be
+added and removed while the worker runs (:meth:`add_stream`, :meth:`remove_stream`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -27,6 +30,7 @@ from kinesis_butler.errors import (
     ClosedError,
     ConfigError,
     LeaseLost,
+    ProcessorFailed,
     ResourceNotFound,
     StoreError,
 )
@@ -37,10 +41,12 @@ from kinesis_butler.processor import (
     ProcessorFactory,
     ProcessRecordsInput,
     RecordProcessorBase,
+    ShardEndedInput,
     as_processor_factory,
 )
 from kinesis_butler.retrieval.polling import PollingSource, ShardReader
 from kinesis_butler.stores import LeaseStore, open_store
+from kinesis_butler.streams import StreamTracker
 
 __all__ = ["AsyncConsumer", "KinesisApi", "ShardStatus"]
 
@@ -61,6 +67,7 @@ class KinesisApi(ShardReader, Protocol):
 class ShardStatus:
     """One row of :meth:`AsyncConsumer.status`."""
 
+    lease_key: str
     shard_id: str
     owner: str | None
     checkpoint: ExtendedSequenceNumber
@@ -69,8 +76,21 @@ class ShardStatus:
     parents: tuple[str, ...]
 
 
+async def _first(*awaitables: asyncio.Future[Any]) -> None:
+    """Wait for the first to finish; cancel (and reap) the others."""
+    try:
+        await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in awaitables:
+            if not waiting.done():
+                waiting.cancel()
+        await asyncio.gather(*awaitables, return_exceptions=True)
+
+
 class _IteratorProcessor(RecordProcessorBase):
     """Feeds ``async for``: each batch is queued; the user checkpoints explicitly."""
+
+    explicit_checkpoints = True  # the lifecycle must not write SHARD_END over unconfirmed records
 
     def __init__(self, queue: asyncio.Queue[list[Record]], closing: asyncio.Event) -> None:
         self._queue = queue
@@ -80,21 +100,24 @@ class _IteratorProcessor(RecordProcessorBase):
         # On shutdown a full queue must not hold the shard hostage: the batch is dropped
         # unconsumed (and uncheckpointed), so whoever takes the shard next reads it again.
         put = asyncio.ensure_future(self._queue.put(list(process_records_input.records)))
-        closing = asyncio.ensure_future(self._closing.wait())
-        await asyncio.wait({put, closing}, return_when=asyncio.FIRST_COMPLETED)
-        closing.cancel()
-        if not put.done():
-            put.cancel()
+        await _first(put, asyncio.ensure_future(self._closing.wait()))
+
+    async def shard_ended(self, shard_ended_input: ShardEndedInput) -> None:
+        # SHARD_END may be written only once the user confirmed every record of the shard.
+        checkpointer = shard_ended_input.checkpointer
+        waiter = getattr(checkpointer, "wait_caught_up", None)
+        if waiter is not None:
+            await _first(asyncio.ensure_future(waiter()), asyncio.ensure_future(self._closing.wait()))
 
 
 class AsyncConsumer:
-    """A worker that consumes ``stream`` for application ``app``.
+    """A worker that consumes one or more streams for application ``app``.
 
     Args:
-        stream: the Kinesis stream name.
+        stream: the Kinesis stream name, or several (multi-stream mode).
         app: the application name; workers with the same app share the work.
-        processor: a RecordProcessor class (or zero-argument factory), an ``async def`` or
-            plain function of ``list[Record]``, or None for the ``async for`` API.
+        processor: a RecordProcessor class, a zero-argument factory of processors, an
+            ``async def`` or plain function of ``list[Record]``, or None for ``async for``.
         store: a store URL (``sqlite:///path.db``, ``memory://``) or a LeaseStore.
         start_at: where shards without a checkpoint start; a StartPosition or its text
             (``trim_horizon``, ``latest``, ``at_timestamp:ISO8601``).
@@ -104,11 +127,12 @@ class AsyncConsumer:
         worker_id: this worker's id in the lease table (default ``host:pid:random``).
         config: timings and limits.
         on_batch: called with (shard id, record count) after each processed batch.
+        multi_stream: namespace lease keys by stream (default: when more than one stream).
     """
 
     def __init__(
         self,
-        stream: str,
+        stream: str | Sequence[str],
         app: str,
         processor: object = None,
         *,
@@ -120,14 +144,16 @@ class AsyncConsumer:
         worker_id: str | None = None,
         config: ConsumerConfig | None = None,
         on_batch: Callable[[str, int], None] | None = None,
+        multi_stream: bool | None = None,
     ) -> None:
-        if not stream:
-            raise ConfigError("stream name is empty")
-        self.stream = stream
+        self.tracker = StreamTracker(
+            [stream] if isinstance(stream, str) else stream, multi_stream=multi_stream
+        )
         self.app = app
         self.config = config or ConsumerConfig()
         self.start_at = StartPosition.parse(start_at) if isinstance(start_at, str) else start_at
         self.worker_id = worker_id or default_worker_id()
+        self._stop = asyncio.Event()
         self._queue: asyncio.Queue[list[Record]] | None = None
         if processor is None:
             queue: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=4)
@@ -145,34 +171,37 @@ class AsyncConsumer:
             self.config,
             on_acquired=self._acquired,
             on_lost=lambda held: None,  # each ShardConsumer watches its own lease's `lost` event
+            on_handoff=self._handoff,
+            eligible=lambda lease: self.tracker.stream_of(lease) is not None,
         )
-        self.shards: dict[str, ShardConsumer] = {}
+        self.shards: dict[str, ShardConsumer] = {}  # by lease key
         self.failures: list[ButlerError] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._stop = asyncio.Event()
         self._started = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
         self._pending: list[Record] = []
         self._closed = False
-        self.resumed_shards: dict[str, ExtendedSequenceNumber] = {}
+
+    @property
+    def stream(self) -> str:
+        """The (first) stream this consumer reads."""
+        names = self.tracker.names
+        return names[0] if names else ""
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def _prepare(self) -> None:
-        try:
-            await self.client.describe_stream_summary(self.stream)
-        except ResourceNotFound:
-            raise ConfigError(
-                f"stream {self.stream!r} does not exist at this endpoint/region; "
-                "check --stream, --region and --endpoint-url"
-            ) from None
+        await self.tracker.resolve_all(self.client)
         await self.store.initialize()
-        for lease in await self.store.list_leases():
-            if not lease.checkpoint.is_sentinel:
-                self.resumed_shards[lease.shard] = lease.checkpoint
-        await sync_shards(self.client, self.store, self.stream, self.start_at)
+        await self._sync_all()
+
+    async def _sync_all(self) -> None:
+        for info in list(self.tracker.streams.values()):
+            await sync_shards(
+                self.client, self.store, info.name, self.start_at, stream_identifier=info.identifier
+            )
 
     async def run(self) -> None:
-        """Consume until :meth:`stop` is called (or the task is cancelled), then shut down gracefully."""
+        """Consume until :meth:`request_stop` (or cancellation), then shut down gracefully."""
         if self._closed:
             raise ClosedError("this consumer was stopped; create a new one")
         try:
@@ -190,6 +219,7 @@ class AsyncConsumer:
                         task.result()  # a background loop died: raise its error
             finally:
                 stop_wait.cancel()
+                self._stop.set()
                 await self._graceful_shutdown(background)
         finally:
             self._closed = True
@@ -204,18 +234,22 @@ class AsyncConsumer:
 
     async def _graceful_shutdown(self, background: list[asyncio.Task[None]]) -> None:
         self.coordinator.taking = False
-        for shard in list(self.shards.values()):
-            shard.shutdown.set()
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=self.config.shutdown_timeout)
-            for task in pending:
-                task.cancel()
-            if pending:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.shutdown_timeout
+        # Loop: a take that completed during shutdown may have started one more shard.
+        while self._tasks:
+            for shard in list(self.shards.values()):
+                shard.shutdown.set()
+            remaining = deadline - loop.time()
+            _, pending = await asyncio.wait(set(self._tasks), timeout=max(0.0, remaining))
+            if pending and loop.time() >= deadline:
                 log.warning(
                     "%d shard(s) did not finish within %.0f s; cancelled",
                     len(pending),
                     self.config.shutdown_timeout,
                 )
+                for task in pending:
+                    task.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
         for task in background:
             task.cancel()
@@ -230,56 +264,100 @@ class AsyncConsumer:
             await self._run_task
 
     def request_stop(self) -> None:
-        """Ask for a graceful shutdown without waiting (safe from signal handlers)."""
+        """Ask for a graceful shutdown without waiting (safe from signal handlers and processors)."""
         self._stop.set()
 
     async def stop(self) -> None:
         """Graceful shutdown: finish in-flight batches, checkpoint, release leases; waits for
-        it when the consumer was started with ``async with``."""
+        it when the consumer was started with ``async with`` (but not from inside one of its own
+        shard tasks, which would wait for itself)."""
         self._stop.set()
-        if self._run_task is not None:
+        if self._run_task is not None and asyncio.current_task() not in self._tasks:
             await asyncio.gather(self._run_task, return_exceptions=True)
+
+    async def add_stream(self, name: str) -> None:
+        """Start reading another stream without a restart (multi-stream mode)."""
+        info = await self.tracker.add(self.client, name)
+        await sync_shards(
+            self.client, self.store, info.name, self.start_at, stream_identifier=info.identifier
+        )
+
+    async def remove_stream(self, name: str) -> None:
+        """Stop reading a stream: its shards here stop gracefully (checkpointed, released) and
+        no worker of this process takes its leases again."""
+        info = self.tracker.remove(name)
+        if info is None:
+            return
+        for shard in list(self.shards.values()):
+            if shard.stream == info.name:
+                shard.shutdown.set()
 
     async def _discovery_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.shard_sync_interval)
             try:
-                await sync_shards(self.client, self.store, self.stream, self.start_at)
-            except (StoreError, ButlerError) as exc:
-                if isinstance(exc, ResourceNotFound):
-                    raise
+                await self._sync_all()
+            except ResourceNotFound:
+                raise
+            except ButlerError as exc:
                 log.warning("shard sync failed (will retry): %s", exc)
 
     def _acquired(self, held: HeldLease) -> None:
+        info = self.tracker.stream_of(held.lease)
+        if info is None:  # its stream was removed since the take
+            task = asyncio.create_task(self.coordinator.release(held))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return
         shard_id = held.lease.shard
         consumer = ShardConsumer(
             held=held,
-            stream=self.stream,
+            stream=info.name,
             coordinator=self.coordinator,
             store=self.store,
             processor=self._factory(),
-            source=PollingSource(self.client, self.stream, shard_id, self.config, self.start_at),
+            source=PollingSource(self.client, info.name, shard_id, self.config, self.start_at),
             config=self.config,
             on_batch=self._on_batch,
         )
-        self.shards[shard_id] = consumer
-        task = asyncio.create_task(self._run_shard(consumer), name=f"shard-{shard_id}")
+        if self._stop.is_set():
+            consumer.shutdown.set()
+        self.shards[held.key] = consumer
+        task = asyncio.create_task(self._run_shard(consumer), name=f"shard-{held.key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _handoff(self, held: HeldLease) -> None:
+        shard = self.shards.get(held.key)
+        if shard is not None:
+            shard.shutdown.set()  # finish the in-flight batch; release() completes the handoff
 
     async def _run_shard(self, consumer: ShardConsumer) -> None:
         try:
             await consumer.run()
         except asyncio.CancelledError:
             raise
-        except ButlerError as exc:
-            self.failures.append(exc)
-            log.error("shard %s stopped: %s", consumer.shard_id, exc)  # noqa: TRY400 - known error, no traceback
+        except Exception as exc:  # noqa: BLE001 - any shard error is recorded, never lost in a task
+            failure = (
+                exc
+                if isinstance(exc, ButlerError)
+                else ProcessorFailed(
+                    f"shard {consumer.shard_id} stopped: {type(exc).__name__}: {exc}",
+                    shard_id=consumer.shard_id,
+                    attempts=1,
+                )
+            )
+            self.failures.append(failure)
+            log.error("shard %s stopped: %s", consumer.shard_id, failure)  # noqa: TRY400 - no traceback
             if isinstance(exc, ResourceNotFound):
                 self._stop.set()
         finally:
-            if self.shards.get(consumer.shard_id) is consumer:
-                del self.shards[consumer.shard_id]
+            if self.shards.get(consumer.held.key) is consumer:
+                del self.shards[consumer.held.key]
+            # Whatever ended the shard, its lease must not stay held (renewed by nobody's work).
+            if self.coordinator.held.get(consumer.held.key) is consumer.held:
+                with contextlib.suppress(StoreError):
+                    await self.coordinator.release(consumer.held)
         if consumer.error is not None:
             self.failures.append(consumer.error)
 
@@ -320,12 +398,19 @@ class AsyncConsumer:
                 self._run_task.result()
                 raise StopAsyncIteration
             getter = asyncio.ensure_future(self._queue.get())
-            await asyncio.wait({getter, self._run_task}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                await asyncio.wait({getter, self._run_task}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                # A timed-out or cancelled __anext__ must not swallow a batch it already took.
+                if getter.done() and not getter.cancelled():
+                    self._pending = getter.result()[::-1]
+                else:
+                    getter.cancel()
+                raise
             if getter.done():
                 batch = getter.result()
                 if batch:
-                    batch.reverse()  # pop() from the end keeps order
-                    self._pending = batch
+                    self._pending = batch[::-1]  # pop() from the end keeps order
                     return self._pending.pop()
             else:
                 getter.cancel()
@@ -336,8 +421,11 @@ class AsyncConsumer:
         Raises:
             LeaseLost: this worker no longer holds the record's shard.
         """
-        shard = self.shards.get(record.shard_id)
-        if shard is None or shard.state is not ShardState.PROCESSING:
+        shard = next(
+            (s for s in self.shards.values() if s.shard_id == record.shard_id and s.stream == record.stream),
+            None,
+        )
+        if shard is None or shard.state not in (ShardState.PROCESSING, ShardState.SHARD_ENDED):
             raise LeaseLost(
                 f"shard {record.shard_id} is not held by this worker any more; checkpoint refused",
                 lease_key=record.shard_id,
@@ -350,7 +438,7 @@ class AsyncConsumer:
         leases: list[Lease] = await self.store.list_leases()
         rows = []
         for lease in leases:
-            shard = self.shards.get(lease.shard)
+            shard = self.shards.get(lease.lease_key)
             if shard is not None:
                 state = shard.state.value
             elif lease.checkpoint.is_shard_end:
@@ -361,6 +449,7 @@ class AsyncConsumer:
                 state = "held elsewhere"
             rows.append(
                 ShardStatus(
+                    lease.lease_key,
                     lease.shard,
                     lease.lease_owner,
                     lease.checkpoint,

@@ -72,11 +72,20 @@ def new_leases(
     existing: Iterable[str],
     position: StartPosition,
     *,
-    stream: str | None = None,
+    stream_identifier: str | None = None,
 ) -> list[Lease]:
-    """The leases to create for ``shards``, parents first. Pure."""
+    """The leases to create for ``shards``, parents first. Pure.
+
+    Args:
+        shards: the stream's shards, as ListShards returned them.
+        existing: the lease keys already in the store.
+        position: where shards without leased ancestors start.
+        stream_identifier: in multi-stream mode, ``account:stream:creationEpoch``: lease keys
+            become ``identifier:shardId`` (the KCL's multi-stream layout). None for one stream.
+    """
     graph = ShardGraph.of(shards)
-    leased = set(existing)
+    prefix = f"{stream_identifier}:" if stream_identifier else ""
+    leased = {key[len(prefix) :] for key in existing if key.startswith(prefix)} if prefix else set(existing)
     descendant_start = AT_TIMESTAMP if position.kind is InitialPosition.AT_TIMESTAMP else TRIM_HORIZON
     created: list[Lease] = []
     for shard in graph.topological():
@@ -91,12 +100,12 @@ def new_leases(
             checkpoint = position.sentinel
         created.append(
             Lease(
-                lease_key=shard.shard_id,
+                lease_key=prefix + shard.shard_id,
                 checkpoint=checkpoint,
                 parent_shard_ids=frozenset(shard.parent_ids),
                 starting_hash_key=str(shard.starting_hash_key),
                 ending_hash_key=str(shard.ending_hash_key),
-                stream_name=stream,
+                stream_name=stream_identifier,
                 shard_id=shard.shard_id,
             )
         )
@@ -109,12 +118,14 @@ async def sync_shards(
     store: LeaseStore,
     stream: str,
     position: StartPosition,
+    *,
+    stream_identifier: str | None = None,
 ) -> list[Lease]:
     """List the stream's shards and create leases for the new ones. Returns those created."""
     shards = await lister.list_shards(stream)
     existing = [lease.lease_key for lease in await store.list_leases()]
     created: list[Lease] = []
-    for lease in new_leases(shards, existing, position, stream=stream):
+    for lease in new_leases(shards, existing, position, stream_identifier=stream_identifier):
         if await store.create_lease_if_absent(lease):
             log.info("created lease %s at %s", lease.lease_key, lease.checkpoint)
             created.append(lease)

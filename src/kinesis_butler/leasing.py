@@ -1,23 +1,38 @@
-"""LeaseCoordinator: renews the leases this worker holds, takes new ones, and reports losses.
+"""LeaseCoordinator: renews the leases this worker holds, takes and steals new ones, hands
+leases over gracefully, and reports losses.
 
 Expiry follows the KCL: no timestamps are stored; this worker notes on its own monotonic
 clock when it first saw each lease's counter value, and a lease is expired when that counter
 has not moved for ``failover_time``. Every write goes through a per-lease lock so that a
 renewal and a checkpoint of the same lease never race on the counter they are fenced by.
+
+Planned moves use a graceful handoff (the KCL 3 ``checkpointOwner`` protocol)::
+
+    thief                               store                         owner
+    initiate_handoff ─────────► owner=thief, checkpointOwner=owner
+                                               ◄──── renew refused (counter moved): re-read,
+                                                     sees checkpointOwner == me: finish the
+                                                     in-flight batch, checkpoint locally
+                                 checkpoint, checkpointOwner=∅ ◄──── complete_handoff
+    sees checkpointOwner=∅ ─► starts exactly after the final checkpoint (no duplicates)
+
+If the owner dies mid-handoff, the counter stops moving; after the failover time the thief
+takes the lease over (which clears ``checkpointOwner``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kinesis_butler.balancing import plan_takes
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import LeaseLost, StaleLease, StoreError, StoreUnavailable
+from kinesis_butler.errors import CheckpointError, LeaseLost, StaleLease, StoreError, StoreUnavailable
 from kinesis_butler.models import ExtendedSequenceNumber, Lease
 from kinesis_butler.stores.base import LeaseStore
 
@@ -37,10 +52,22 @@ class HeldLease:
     lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once it is not ours
     released: bool = False  # this worker gave it up on purpose (set before the release write)
+    handoff: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # another worker asked for it
+    final_checkpoint: ExtendedSequenceNumber | None = (
+        None  # checkpointed during a handoff, written at its end
+    )
 
     @property
     def key(self) -> str:
         return self.lease.lease_key
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """A lease this worker asked for by handoff and is waiting to receive."""
+
+    lease: Lease  # as stored right after initiate_handoff
+    since: float  # when its counter was last seen to change
 
 
 class LeaseCoordinator:
@@ -52,7 +79,11 @@ class LeaseCoordinator:
         config: timings (failover, renew and take intervals).
         on_acquired: called with each newly taken lease.
         on_lost: called once when a held lease is lost (stolen, expired, deleted).
+        on_handoff: called once when another worker asked for a held lease; the shard should
+            finish its in-flight batch and stop, then :meth:`release` completes the handoff.
+        eligible: which lease keys this worker may take (e.g. those of the streams it reads).
         clock: a monotonic clock in seconds (virtual in simulations).
+        sleep: the sleep used by the loops (virtual in simulations).
     """
 
     def __init__(
@@ -63,18 +94,29 @@ class LeaseCoordinator:
         *,
         on_acquired: Callable[[HeldLease], None],
         on_lost: Callable[[HeldLease], None],
+        on_handoff: Callable[[HeldLease], None] = lambda held: None,
+        eligible: Callable[[Lease], bool] = lambda lease: True,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.store = store
         self.worker_id = worker_id
         self.config = config
         self._on_acquired = on_acquired
         self._on_lost = on_lost
+        self._on_handoff = on_handoff
+        self._eligible = eligible
         self._clock = clock
+        self._sleep = sleep
         self.held: dict[str, HeldLease] = {}
+        self.incoming: dict[str, _Incoming] = {}
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (counter, when first seen)
         self._refused: set[str] = set()  # leases this worker must not take again (failed shards)
         self.taking = True
+
+    @property
+    def stopping(self) -> bool:
+        return not self.taking
 
     # -- observation ---------------------------------------------------------------------
     def _observe(self, leases: list[Lease]) -> set[str]:
@@ -93,29 +135,37 @@ class LeaseCoordinator:
 
     # -- loops ---------------------------------------------------------------------------
     async def run(self) -> None:
-        """Renew and take until cancelled."""
+        """Renew, take and receive handoffs until cancelled."""
+        handoff_poll = min(0.5, self.config.effective_take_interval)
         async with asyncio.TaskGroup() as group:
             group.create_task(self._loop(self.renew_all, self.config.effective_renew_interval))
             group.create_task(self._loop(self.take_round, self.config.effective_take_interval))
+            group.create_task(self._loop(self.receive_handoffs, handoff_poll))
 
-    async def _loop(self, step: Callable[[], object], interval: float) -> None:
+    async def _loop(self, step: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
             started = self._clock()
             try:
-                await step()  # type: ignore[misc]
+                await step()
             except StoreError as exc:
                 log.warning("lease store error (will retry): %s", exc)
-            await asyncio.sleep(max(0.0, interval - (self._clock() - started)))
+            await self._sleep(max(0.0, interval - (self._clock() - started)))
 
     async def take_round(self) -> list[HeldLease]:
-        """Read the table, then take this worker's share of free and expired leases."""
+        """Read the table, take free and expired leases, and start handoffs of stolen ones."""
         leases = await self.store.list_leases()
         expired = self._observe(leases)
-        self._check_held_against(leases)
+        await self._check_held_against(leases)
         if not self.taking:
             return []
-        candidates = [lease for lease in leases if lease.lease_key not in self._refused]
-        plan = plan_takes(candidates, self.worker_id, expired, max_leases=self.config.max_leases)
+        candidates = [
+            lease
+            for lease in leases
+            if lease.lease_key not in self._refused
+            and lease.lease_key not in self.incoming
+            and self._eligible(lease)
+        ]
+        plan = plan_takes(candidates, self.worker_id, expired, max_leases=self._cap())
         taken: list[HeldLease] = []
         for lease in plan.take:
             if lease.lease_key in self.held:
@@ -124,23 +174,69 @@ class LeaseCoordinator:
                 stored = await self.store.take_lease(lease, self.worker_id)
             except StaleLease:
                 continue  # someone else moved it first; fine
-            now = self._clock()
-            held = HeldLease(stored, acquired_at=now, last_renewed=now)
-            self.held[stored.lease_key] = held
-            self._seen[stored.lease_key] = (stored.lease_counter, now)
-            log.info("took lease %s (counter %d)", stored.lease_key, stored.lease_counter)
-            taken.append(held)
-            self._on_acquired(held)
+            if self.stopping:  # shutdown began while we were taking it: give it straight back
+                with contextlib.suppress(StaleLease):
+                    await self.store.evict_lease(stored)
+                continue
+            taken.append(self._hold(stored, "took"))
+        for lease in plan.steal:
+            try:
+                stored = await self.store.initiate_handoff(lease, self.worker_id)
+            except StaleLease:
+                continue
+            log.info("asked %s to hand over lease %s", lease.lease_owner, lease.lease_key)
+            self.incoming[stored.lease_key] = _Incoming(stored, self._clock())
         return taken
 
-    def _check_held_against(self, leases: list[Lease]) -> None:
+    def _cap(self) -> int | None:
+        # Leases on their way to us count toward our share, so we do not over-steal.
+        if self.config.max_leases is None:
+            return None
+        return max(0, self.config.max_leases - len(self.incoming))
+
+    def _hold(self, stored: Lease, how: str) -> HeldLease:
+        now = self._clock()
+        held = HeldLease(stored, acquired_at=now, last_renewed=now)
+        self.held[stored.lease_key] = held
+        self._seen[stored.lease_key] = (stored.lease_counter, now)
+        log.info("%s lease %s (counter %d)", how, stored.lease_key, stored.lease_counter)
+        self._on_acquired(held)
+        return held
+
+    async def receive_handoffs(self) -> list[HeldLease]:
+        """Start the leases whose old owner completed the handoff; take over stuck ones."""
+        received: list[HeldLease] = []
+        for key, incoming in list(self.incoming.items()):
+            current = await self.store.get_lease(key)
+            now = self._clock()
+            if current is None or current.lease_owner != self.worker_id or not self.taking:
+                del self.incoming[key]  # deleted, taken by someone else, or we are stopping
+                continue
+            if current.checkpoint_owner is None:
+                del self.incoming[key]
+                received.append(self._hold(current, "received"))
+                continue
+            if current.lease_counter != incoming.lease.lease_counter:
+                self.incoming[key] = _Incoming(current, now)
+            elif now - incoming.since >= self.config.failover_time:
+                # The old owner stopped writing mid-handoff: it died. Take it over.
+                del self.incoming[key]
+                try:
+                    stored = await self.store.take_lease(current, self.worker_id)
+                except StaleLease:
+                    continue
+                received.append(self._hold(stored, "took over stuck handoff of"))
+        return received
+
+    async def _check_held_against(self, leases: list[Lease]) -> None:
         by_key = {lease.lease_key: lease for lease in leases}
         for held in list(self.held.values()):
-            if held.lock.locked():
-                continue  # a write is in flight; its result is the truth
+            if held.lock.locked() or held.handoff.is_set():
+                continue  # a write is in flight (its result is the truth), or already handing off
             stored = by_key.get(held.key)
             if stored is None or stored.lease_owner != self.worker_id:
-                self._lose(held, "deleted" if stored is None else f"now owned by {stored.lease_owner}")
+                async with held.lock:
+                    await self._stale(held, "the lease table shows another owner")
 
     async def renew_all(self) -> None:
         """Renew every held lease once; lose those whose renewal is refused or too late."""
@@ -148,19 +244,40 @@ class LeaseCoordinator:
 
     async def _renew(self, held: HeldLease) -> None:
         async with held.lock:
-            if held.lost.is_set():
-                return
+            if held.lost.is_set() or held.handoff.is_set() or held.released:
+                return  # during a handoff the lease belongs to the new owner: no writes
             try:
                 held.lease = await self.store.renew_lease(held.lease)
                 held.last_renewed = self._clock()
             except StaleLease:
-                self._lose(held, "renewal refused: the lease counter moved on")
+                await self._stale(held, "renewal refused: the lease counter moved on")
             except StoreUnavailable as exc:
                 # Keep processing what we hold until others could consider it expired.
                 if self._clock() - held.last_renewed >= self.config.failover_time:
                     self._lose(held, f"not renewed for the failover time ({exc})")
                 else:
                     log.warning("could not renew %s (will retry): %s", held.key, exc)
+
+    async def _stale(self, held: HeldLease, why: str) -> bool:
+        """A fenced write to ``held`` failed (lock held): is it a handoff request or a loss?
+        Returns True for a handoff."""
+        try:
+            current = await self.store.get_lease(held.key)
+        except StoreError:
+            current = None
+        if (
+            current is not None
+            and current.checkpoint_owner == self.worker_id
+            and current.lease_owner != self.worker_id
+        ):
+            held.lease = current  # the counter our final write is fenced by
+            if not held.handoff.is_set():
+                held.handoff.set()
+                log.info("handing lease %s over to %s", held.key, current.lease_owner)
+                self._on_handoff(held)
+            return True
+        self._lose(held, why if current is None else f"{why}; now owned by {current.lease_owner}")
+        return False
 
     def _lose(self, held: HeldLease, why: str) -> None:
         if self.held.get(held.key) is held:
@@ -178,34 +295,49 @@ class LeaseCoordinator:
         *,
         pending: ExtendedSequenceNumber | None = None,
     ) -> Lease:
-        """Write a checkpoint for a held lease; LeaseLost if it is gone."""
+        """Write a checkpoint for a held lease; LeaseLost if it is gone.
+
+        During a handoff the position is kept and written by the handoff's final write."""
         async with held.lock:
             if held.lost.is_set() or held.released:
                 raise LeaseLost(
                     f"lease {held.key} was lost; checkpoint {position} refused", lease_key=held.key
                 )
-            try:
-                held.lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
-            except StaleLease:
-                self._lose(held, "checkpoint refused: the lease counter moved on")
-                raise LeaseLost(
-                    f"lease {held.key} is owned by another worker now; checkpoint {position} refused",
-                    lease_key=held.key,
-                ) from None
-            held.last_renewed = self._clock()
+            # Checked here, under the lock, so that two concurrent checkpoints cannot both pass
+            # a check made against a position that the other one is about to replace.
+            current = held.final_checkpoint or held.lease.checkpoint
+            if position < current:
+                raise CheckpointError(
+                    f"checkpoint {position} on {held.key} goes backwards (stored: {current})"
+                )
+            if position == current:
+                return held.lease
+            if not held.handoff.is_set():
+                try:
+                    held.lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
+                    held.last_renewed = self._clock()
+                    return held.lease
+                except StaleLease:
+                    if not await self._stale(held, "checkpoint refused: the lease counter moved on"):
+                        raise LeaseLost(
+                            f"lease {held.key} is owned by another worker now; checkpoint {position} refused",
+                            lease_key=held.key,
+                        ) from None
+            held.final_checkpoint = position
             return held.lease
 
     async def update_children(self, held: HeldLease, child_ids: frozenset[str]) -> None:
         async with held.lock:
-            if held.lost.is_set():
+            if held.lost.is_set() or held.handoff.is_set():
                 return
             try:
                 held.lease = await self.store.update_lineage(held.lease, child_shard_ids=child_ids)
             except StaleLease:
-                self._lose(held, "lineage update refused")
+                await self._stale(held, "lineage update refused")
 
     async def release(self, held: HeldLease) -> None:
-        """Give a held lease up so that any worker can take it at once."""
+        """Give a held lease up: complete a handoff (final checkpoint for the new owner), or
+        clear the owner so that any worker can take it at once."""
         async with held.lock:
             if self.held.get(held.key) is held:
                 del self.held[held.key]
@@ -213,8 +345,14 @@ class LeaseCoordinator:
                 return
             held.released = True
             try:
-                await self.store.evict_lease(held.lease)
-                log.info("released lease %s", held.key)
+                if held.handoff.is_set():
+                    await self.store.complete_handoff(held.lease, held.final_checkpoint)
+                    log.info(
+                        "handed lease %s over at %s", held.key, held.final_checkpoint or held.lease.checkpoint
+                    )
+                else:
+                    await self.store.evict_lease(held.lease)
+                    log.info("released lease %s", held.key)
             except StaleLease:
                 log.info("lease %s was already taken over when released", held.key)
             finally:

@@ -88,6 +88,8 @@ class ShardCheckpointer:
         self._coordinator = coordinator
         self._held = held
         self.last_delivered: ExtendedSequenceNumber | None = None
+        self.at_shard_end = False  # set once the shard was read to its end: SHARD_END is allowed
+        self.changed = asyncio.Event()  # set after every checkpoint written
 
     @property
     def last_checkpoint(self) -> ExtendedSequenceNumber:
@@ -112,22 +114,32 @@ class ShardCheckpointer:
             position = self.last_delivered
             if position is None:
                 return  # nothing delivered yet: nothing to record
-        elif not position.is_shard_end:
-            if position.is_sentinel:
-                raise CheckpointError(f"cannot checkpoint at {position.sequence} on shard {self._held.key}")
-            if self.last_delivered is None or position > self.last_delivered:
+        elif position.is_shard_end:
+            if not self.at_shard_end:
                 raise CheckpointError(
-                    f"checkpoint {position} on shard {self._held.key} is beyond the last delivered record "
-                    f"({self.last_delivered})"
+                    f"cannot checkpoint SHARD_END on shard {self._held.key}: it has not been read to its end"
                 )
-        current = self._held.lease.checkpoint
-        if position < current:
+        elif position.is_sentinel:
+            raise CheckpointError(f"cannot checkpoint at {position.sequence} on shard {self._held.key}")
+        elif self.last_delivered is None or position > self.last_delivered:
             raise CheckpointError(
-                f"checkpoint {position} on shard {self._held.key} goes backwards (stored: {current})"
+                f"checkpoint {position} on shard {self._held.key} is beyond the last delivered record "
+                f"({self.last_delivered})"
             )
-        if position == current:
-            return
         await self._coordinator.checkpoint(self._held, position)
+        self.changed.set()
+
+    @property
+    def caught_up(self) -> bool:
+        """True when everything delivered so far is checkpointed."""
+        done = self._held.final_checkpoint or self._held.lease.checkpoint
+        return self.last_delivered is None or not done < self.last_delivered
+
+    async def wait_caught_up(self) -> None:
+        """Wait until everything delivered so far is checkpointed."""
+        while not self.caught_up:
+            self.changed.clear()
+            await self.changed.wait()
 
 
 class ShardConsumer:
@@ -169,25 +181,39 @@ class ShardConsumer:
         self.state = new
 
     async def run(self) -> None:
-        """Run to SHUTDOWN_COMPLETE (or FAILED). Never raises for lease loss or processor errors."""
+        """Run to SHUTDOWN_COMPLETE (or FAILED). Lease loss and processor failures end here;
+        other errors (the stream was deleted, ``initialize`` raised) propagate to the caller."""
         work = asyncio.ensure_future(self._work())
         lost = asyncio.ensure_future(self.held.lost.wait())
+        deadline = asyncio.ensure_future(self._handoff_deadline())
         try:
-            await asyncio.wait({work, lost}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done() and self.held.released:
-                await work  # our own release (shutdown, shard end, failure) is finishing
-            elif not work.done():
-                # Fencing: the lease is gone, so in-flight processing must stop now.
+            await asyncio.wait({work, lost, deadline}, return_when=asyncio.FIRST_COMPLETED)
+            if work.done() or self.held.released:
+                await work  # finished, or our own release (shutdown, shard end, handoff) is finishing
+            else:
+                # Fencing: the lease is gone (or a handoff ran out of time), so in-flight
+                # processing must stop now.
                 work.cancel()
                 await asyncio.gather(work, return_exceptions=True)
+                if deadline.done():
+                    log.warning(
+                        "shard %s: handoff timed out; handing over at the last checkpoint", self.shard_id
+                    )
+                    await self._coordinator.release(self.held)
                 await self._lease_lost()
-            else:
-                await work
         except LeaseLost:
             await self._lease_lost()
         finally:
-            lost.cancel()
+            for task in (work, lost, deadline):
+                task.cancel()
+            await asyncio.gather(work, lost, deadline, return_exceptions=True)
             await self._source.aclose()
+
+    async def _handoff_deadline(self) -> None:
+        # The new owner takes over if we do not finish within the failover time; stop well
+        # before that so our final checkpoint is the one it starts from.
+        await self.held.handoff.wait()
+        await self._sleep(self._config.failover_time / 2)
 
     async def _lease_lost(self) -> None:
         if self.state in (ShardState.SHUTDOWN_COMPLETE, ShardState.FAILED):
@@ -215,11 +241,14 @@ class ShardConsumer:
         while True:
             batch_task = asyncio.ensure_future(self._source.next_batch())
             stop_task = asyncio.ensure_future(self.shutdown.wait())
-            await asyncio.wait({batch_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-            stop_task.cancel()
-            if not batch_task.done():
-                batch_task.cancel()
-                await asyncio.gather(batch_task, return_exceptions=True)
+            try:
+                await asyncio.wait({batch_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_task.cancel()
+                if not batch_task.done():
+                    batch_task.cancel()
+                    await asyncio.gather(batch_task, return_exceptions=True)
+            if batch_task.cancelled():
                 await self._shutdown_requested()
                 return
             batch = batch_task.result()
@@ -240,7 +269,7 @@ class ShardConsumer:
         while parents:
             pending = []
             for parent in sorted(parents):
-                lease = await self._store.get_lease(parent)
+                lease = await self._store.get_lease(self.held.lease.key_for(parent))
                 if lease is not None and not lease.checkpoint.is_shard_end:
                     pending.append(parent)
             if not pending:
@@ -309,17 +338,24 @@ class ShardConsumer:
 
     async def _shard_ended(self, child_parents: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         self._move(ShardState.SHARD_ENDED)
+        self.checkpointer.at_shard_end = True
         await call_maybe_async(
             self._processor.shard_ended, ShardEndedInput(self.shard_id, self.stream, self.checkpointer)
         )
+        if getattr(self._processor, "explicit_checkpoints", False) and not self.checkpointer.caught_up:
+            # The user had not checkpointed every record when we were asked to stop: leave the
+            # shard open in the table, so whoever takes it reads the unconfirmed tail again.
+            await self._coordinator.release(self.held)
+            self._move(ShardState.SHUTDOWN_COMPLETE)
+            return
         # Children first: once SHARD_END is visible, their workers may start them.
         for child, parents in child_parents:
             await self._store.create_lease_if_absent(
                 Lease(
-                    lease_key=child,
+                    lease_key=self.held.lease.key_for(child),
                     checkpoint=TRIM_HORIZON,
                     parent_shard_ids=frozenset(parents),
-                    stream_name=self.stream,
+                    stream_name=self.held.lease.stream_name,
                     shard_id=child,
                 )
             )

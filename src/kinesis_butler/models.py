@@ -230,5 +230,12 @@ class Lease:
         """The shard id (the lease key itself unless the key is multi-stream namespaced)."""
         return self.shard_id or self.lease_key.rsplit(":", 1)[-1]
 
+    def key_for(self, shard_id: str) -> str:
+        """The lease key of another shard of the same stream (a parent or a child).
+
+        In multi-stream mode ``stream_name`` holds the KCL stream identifier
+        ``account:stream:creationEpoch`` and keys are ``identifier:shardId``."""
+        return f"{self.stream_name}:{shard_id}" if self.stream_name else shard_id
+
     def replace(self, **changes: object) -> Lease:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

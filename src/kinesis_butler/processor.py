@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, Protocol, TypeAlias, cast, runtime_checkable
 
 from kinesis_butler.errors import ProcessorImportError
@@ -156,11 +157,21 @@ RecordFunction: TypeAlias = Callable[[list[Record]], Awaitable[None] | None]
 """The simple API: called with each batch; when it returns, the batch is checkpointed."""
 
 
+IN_PROCESSOR: ContextVar[bool] = ContextVar("kinesis_butler_in_processor", default=False)
+"""True while a processor callback runs (also in the worker thread of a plain function), so
+that blocking calls that would wait for that same callback can refuse to deadlock."""
+
+
+def _in_processor(func: Callable[..., Any], *args: Any) -> Any:
+    IN_PROCESSOR.set(True)  # to_thread copies the context: this stays inside the callback
+    return func(*args)
+
+
 async def call_maybe_async(func: Callable[..., Any], *args: Any) -> Any:
     """Await ``func(*args)`` if it is a coroutine function; otherwise run it in a thread."""
     if inspect.iscoroutinefunction(func):
         return await func(*args)
-    result = await asyncio.to_thread(func, *args)
+    result = await asyncio.to_thread(_in_processor, func, *args)
     if inspect.isawaitable(result):  # a plain function that returned a coroutine
         return await result
     return result
@@ -186,8 +197,8 @@ ProcessorFactory: TypeAlias = Callable[[], RecordProcessor]
 def as_processor_factory(processor: object) -> ProcessorFactory:
     """Accept a RecordProcessor class, a zero-argument factory, or a RecordFunction.
 
-    A class with ``process_records`` is instantiated once per shard. Anything else callable is
-    taken as a function of ``list[Record]``.
+    A class with ``process_records`` is instantiated once per shard, and so is the result of a
+    callable that takes no arguments. Anything else callable is a function of ``list[Record]``.
     """
     if inspect.isclass(processor):
         if not hasattr(processor, "process_records"):
@@ -200,9 +211,29 @@ def as_processor_factory(processor: object) -> ProcessorFactory:
             "pass the processor class (or a factory), not an instance: each shard needs its own"
         )
     if callable(processor):
+        if _is_factory(processor):
+            return cast(ProcessorFactory, processor)
         func = processor
         return lambda: FunctionProcessor(func)
     raise ProcessorImportError(f"{processor!r} is neither a processor class nor a function")
+
+
+def _is_factory(candidate: Callable[..., Any]) -> bool:
+    """A callable that takes no argument (and cannot take one) is a factory of processors;
+    anything that accepts the batch is a record function."""
+    try:
+        signature = inspect.signature(candidate)
+    except (TypeError, ValueError):  # builtins without a signature: call them with the batch
+        return False
+    try:
+        signature.bind()
+    except TypeError:
+        return False
+    try:
+        signature.bind([])
+    except TypeError:
+        return True
+    return False
 
 
 def import_processor(path: str) -> object:

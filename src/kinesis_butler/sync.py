@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from kinesis_butler.consumer import AsyncConsumer, ShardStatus
 from kinesis_butler.errors import ClosedError
 from kinesis_butler.models import Record
+from kinesis_butler.processor import IN_PROCESSOR
 
 __all__ = ["Consumer"]
 
@@ -39,15 +40,22 @@ class Consumer:
     ``consumer.checkpoint(record)``.
     """
 
-    def __init__(self, stream: str, app: str, processor: object = None, **options: Any) -> None:
+    def __init__(
+        self, stream: str | Sequence[str], app: str, processor: object = None, **options: Any
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="kinesis-butler-loop", daemon=True
         )
         self._thread.start()
-        self._async: AsyncConsumer = self._call(_build(stream, app, processor, options))
         self._run: Future[None] | None = None
         self._closed = False
+        self._async: AsyncConsumer | None = None
+        try:
+            self._async = self._call(_build(stream, app, processor, options))
+        except BaseException:
+            self.close()
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self._loop.is_closed():
@@ -56,15 +64,26 @@ class Consumer:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property
+    def consumer(self) -> AsyncConsumer:
+        """The async core this facade drives."""
+        if self._async is None:
+            raise ClosedError("this consumer failed to start")
+        return self._async
+
+    @property
     def worker_id(self) -> str:
-        return self._async.worker_id
+        return self.consumer.worker_id
 
     def start(self) -> Consumer:
-        """Start consuming in the background; returns at once."""
+        """Start consuming in the background; returns once the worker runs."""
         if self._run is not None:
             raise ClosedError("this consumer was already started")
-        self._call(self._async.__aenter__())
-        self._run = asyncio.run_coroutine_threadsafe(self._async.wait_stopped(), self._loop)
+        try:
+            self._call(self.consumer.__aenter__())
+        except BaseException:
+            self.close()
+            raise
+        self._run = asyncio.run_coroutine_threadsafe(self.consumer.wait_stopped(), self._loop)
         return self
 
     def wait(self, timeout: float | None = None) -> None:
@@ -84,10 +103,21 @@ class Consumer:
         finally:
             self.close()
 
+    def request_stop(self) -> None:
+        """Ask for a graceful shutdown and return at once. Thread-safe; fine from a processor."""
+        if self._async is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._async.request_stop)
+
     def stop(self) -> None:
-        """Graceful shutdown: finish in-flight batches, checkpoint, release leases. Thread-safe."""
-        if not self._loop.is_closed():
-            self._call(self._async.stop())
+        """Graceful shutdown: finish in-flight batches, checkpoint, release leases, and wait
+        for it. Thread-safe. Called from inside a processor it only requests the stop (waiting
+        there would wait for that very processor)."""
+        if self._async is None or self._loop.is_closed():
+            return
+        if IN_PROCESSOR.get():
+            self.request_stop()
+            return
+        self._call(self._async.stop())
 
     def close(self) -> None:
         """Stop (if running) and end the private loop thread. Idempotent."""
@@ -100,16 +130,17 @@ class Consumer:
         self._loop.close()
 
     def checkpoint(self, record: Record) -> None:
-        self._call(self._async.checkpoint(record))
+        self._call(self.consumer.checkpoint(record))
 
     def status(self) -> list[ShardStatus]:
-        return self._call(self._async.status())
+        return self._call(self.consumer.status())
 
     def __iter__(self) -> Iterator[Record]:
-        self._async.__aiter__()  # validates that this consumer iterates
+        consumer = self.consumer
+        consumer.__aiter__()  # validates that this consumer iterates
         while True:
             try:
-                yield self._call(self._async.__anext__())
+                yield self._call(consumer.__anext__())
             except StopAsyncIteration:
                 return
 
@@ -125,6 +156,8 @@ class Consumer:
         self.close()
 
 
-async def _build(stream: str, app: str, processor: object, options: dict[str, Any]) -> AsyncConsumer:
+async def _build(
+    stream: str | Sequence[str], app: str, processor: object, options: dict[str, Any]
+) -> AsyncConsumer:
     # Built on the private loop so that its asyncio objects belong to that loop.
     return AsyncConsumer(stream, app, processor, **options)

@@ -127,7 +127,9 @@ def test_64_shards_one_to_eight_workers_balance_within_a_few_rounds_and_then_sta
     seed=st.integers(min_value=0, max_value=2**32),
     assigned=st.floats(min_value=0.0, max_value=1.0),
 )
-def test_any_start_converges_to_within_one_and_stays(leases: int, workers: int, seed: int, assigned: float) -> None:
+def test_any_start_converges_to_within_one_and_stays(
+    leases: int, workers: int, seed: int, assigned: float
+) -> None:
     rng = random.Random(seed)
     names = [f"w{i}" for i in range(workers)]
     owners: dict[str, str | None] = {

@@ -50,5 +50,15 @@ def test_existing_leases_are_not_recreated() -> None:
 
 def test_hash_ranges_are_recorded() -> None:
     shard = Shard("s", starting_hash_key=5, ending_hash_key=10)
-    (lease,) = new_leases([shard], [], StartPosition(), stream="orders")
-    assert (lease.starting_hash_key, lease.ending_hash_key, lease.stream_name) == ("5", "10", "orders")
+    (lease,) = new_leases([shard], [], StartPosition())
+    assert (lease.starting_hash_key, lease.ending_hash_key, lease.stream_name) == ("5", "10", None)
+
+
+def test_multi_stream_keys_are_namespaced_and_only_their_stream_counts_as_existing() -> None:
+    ident = "123456789012:orders:1700000000"
+    leases = new_leases([PARENT, LEFT], ["p", f"{ident}:p"], StartPosition(), stream_identifier=ident)
+    assert [(lease.lease_key, lease.shard_id, lease.stream_name) for lease in leases] == [
+        (f"{ident}:l", "l", ident)
+    ]
+    assert leases[0].parent_shard_ids == {"p"}
+    assert leases[0].key_for("p") == f"{ident}:p"

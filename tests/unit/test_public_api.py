@@ -34,6 +34,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "sync",
         "testing",
         "progress",
+        "streams",
     }
     assert public - modules == exported - {"__version__"}
 

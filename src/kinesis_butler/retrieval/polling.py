@@ -123,6 +123,26 @@ class PollingSource:
 
     # -- the fetch task ----------------------------------------------------------------------
     async def _iterator_at(self, position: ExtendedSequenceNumber) -> str:
+        """An iterator at ``position``, retrying throttling and transient failures (its own
+        quota is 5 calls per second per shard); non-retriable errors propagate."""
+        attempt = 0
+        while True:
+            try:
+                return await self._get_iterator(position)
+            except ButlerError as exc:
+                if not exc.retriable:
+                    raise
+                attempt += 1
+                delay = self._backoff(attempt)
+                log.warning(
+                    "shard %s: GetShardIterator failed (retry in %.1f s): %s", self._shard_id, delay, exc
+                )
+                await asyncio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        return random.uniform(0, min(5.0, self._config.min_poll_interval * 2**attempt))
+
+    async def _get_iterator(self, position: ExtendedSequenceNumber) -> str:
         kwargs: dict[str, object] = {}
         if position.sequence == "TRIM_HORIZON":
             kind = "TRIM_HORIZON"
@@ -174,14 +194,14 @@ class PollingSource:
                 continue
             except Throttled:
                 throttled += 1
-                delay = random.uniform(0, min(5.0, self._config.min_poll_interval * 2**throttled))
+                delay = self._backoff(throttled)
                 log.debug("shard %s: throttled, backing off %.2f s", self._shard_id, delay)
                 continue
             except ButlerError as exc:
                 if not exc.retriable:
                     raise
                 throttled += 1
-                delay = random.uniform(0, min(5.0, self._config.min_poll_interval * 2**throttled))
+                delay = self._backoff(throttled)
                 log.warning(
                     "shard %s: GetRecords failed (will retry in %.1f s): %s", self._shard_id, delay, exc
                 )
