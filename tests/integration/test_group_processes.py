@@ -129,7 +129,7 @@ def _active_owners(leases: list[Lease]) -> Counter[str | None]:
     return Counter(lease.lease_owner for lease in leases if not lease.checkpoint.is_shard_end)
 
 
-async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(
+async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # noqa: PLR0915 - one story
     group: Group, kinesis: KinesisClient
 ) -> None:
     written = 0
