@@ -230,5 +230,6 @@ async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # 
                 checked += 1
     assert checked >= 2
     print(
-        f"\n{written} records, {len(duplicated)} duplicated (all from the killed worker), {checked} parent/child pairs"
+        f"\n{written} records, {len(duplicated)} duplicated (all by the killed worker), "
+        f"{checked} parent/child pairs"
     )
