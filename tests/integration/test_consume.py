@@ -208,3 +208,23 @@ def test_the_sync_facade_runs_a_plain_function(kinesis_endpoint: str, tmp_path: 
     with consumer:
         wait_until_sync(lambda: len(got) >= 200, timeout=60, what="200 records")
     assert sorted(got) == list(range(200))
+
+
+async def test_a_stream_deleted_under_a_running_worker_stops_it_with_a_clear_error(
+    kinesis: KinesisClient, new_stream: StreamFactory, tmp_path: Path
+) -> None:
+    stream = await new_stream(2)
+    await put_numbers(kinesis, stream, 0, 50)
+    collect = Collector()
+    consumer = AsyncConsumer(stream, "app", collect, store=_sqlite(tmp_path), client=kinesis, config=CONFIG)
+    runner = asyncio.create_task(consumer.run())
+    await wait_until(lambda: len(collect.records) >= 50, timeout=60, what="the records")
+    await kinesis.delete_stream(stream)
+    await asyncio.wait_for(runner, 60)  # the worker stops by itself: no tight retry loop
+    assert consumer.failures
+    assert any(
+        "not found" in str(f).lower() or "ResourceNotFound" in type(f).__name__ for f in consumer.failures
+    )
+    leases = await _leases(tmp_path)
+    assert all(lease.lease_owner is None for lease in leases.values())  # released, checkpoints kept
+    assert all(not lease.checkpoint.is_sentinel for lease in leases.values())
