@@ -350,7 +350,14 @@ class AsyncConsumer:
             self.failures.append(failure)
             log.error("shard %s stopped: %s", consumer.shard_id, failure)  # noqa: TRY400 - no traceback
             if isinstance(exc, ResourceNotFound):
-                self._stop.set()
+                # The stream was deleted: a multi-stream app goes on with its other streams.
+                if self.tracker.multi_stream and len(self.tracker.streams) > 1:
+                    self.tracker.remove(consumer.stream)
+                    for shard in list(self.shards.values()):
+                        if shard.stream == consumer.stream:
+                            shard.shutdown.set()
+                else:
+                    self._stop.set()
         finally:
             if self.shards.get(consumer.held.key) is consumer:
                 del self.shards[consumer.held.key]
