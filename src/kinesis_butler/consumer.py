@@ -196,9 +196,15 @@ class AsyncConsumer:
 
     async def _sync_all(self) -> None:
         for info in list(self.tracker.streams.values()):
-            await sync_shards(
-                self.client, self.store, info.name, self.start_at, stream_identifier=info.identifier
-            )
+            try:
+                await sync_shards(
+                    self.client, self.store, info.name, self.start_at, stream_identifier=info.identifier
+                )
+            except ResourceNotFound:
+                if not (self.tracker.multi_stream and len(self.tracker.streams) > 1):
+                    raise
+                log.error("stream %s was deleted; this app stops reading it", info.name)  # noqa: TRY400
+                await self.remove_stream(info.name)
 
     async def run(self) -> None:
         """Consume until :meth:`request_stop` (or cancellation), then shut down gracefully."""
