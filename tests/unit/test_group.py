@@ -168,3 +168,26 @@ async def test_sigterm_style_stop_hands_shards_to_the_remaining_worker_without_d
     b.request_stop()
     await runners[1]
     assert Counter(seen.numbers) == Counter(range(200))
+
+
+async def test_a_deleted_stream_stops_only_its_own_shards_in_a_multi_stream_app() -> None:
+    fake = FakeKinesis()
+    for name in ("keep", "doomed"):
+        fake.create_stream(name, 1)
+        _fill(fake, name, 10)
+    backing = MemoryBacking()
+    got: list[Record] = []
+
+    async def sink(records: list[Record]) -> None:
+        got.extend(records)
+
+    consumer = _worker(fake, backing, "w", sink, stream=["keep", "doomed"])
+    runner = asyncio.create_task(consumer.run())
+    await wait_until(lambda: len(got) >= 20)
+    fake.delete_stream("doomed")
+    await wait_until(lambda: consumer.tracker.names == ["keep"], what="the deleted stream dropped")
+    _fill(fake, "keep", 5, start=10)
+    await wait_until(lambda: len(got) >= 25, what="the other stream goes on")
+    assert not runner.done()
+    consumer.request_stop()
+    await runner

@@ -72,6 +72,11 @@ class FakeKinesis:
             shards[shard.shard_id] = _FakeShard(shard)
         self._streams[stream] = shards
 
+    def delete_stream(self, stream: str) -> None:
+        """Delete a stream: every later call on it raises ResourceNotFound."""
+        self._stream(stream)
+        del self._streams[stream]
+
     def _new_shard(self, start: int, end: int, parents: tuple[str, ...] = ()) -> Shard:
         shard_id = f"shardId-{self._next_shard:012d}"
         self._next_shard += 1
