@@ -35,7 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     consume = commands.add_parser("consume", help="consume a stream until SIGINT/SIGTERM")
-    consume.add_argument("--stream", required=True, help="stream name")
+    consume.add_argument(
+        "--stream", required=True, action="append", help="stream name (repeat to read several streams)"
+    )
     consume.add_argument(
         "--app", required=True, help="application name (workers of one app share the shards)"
     )
@@ -103,7 +105,7 @@ async def _consume(args: argparse.Namespace) -> int:
     config = ConsumerConfig(failover_time=args.failover_time, processor_max_attempts=args.max_attempts)
     progress = None if args.quiet else ProgressBar(None)
     consumer = AsyncConsumer(
-        args.stream,
+        args.stream[0] if len(args.stream) == 1 else args.stream,
         args.app,
         processor,
         store=args.store,
