@@ -314,8 +314,7 @@ class LeaseCoordinator:
                 return held.lease
             if not held.handoff.is_set():
                 try:
-                    held.lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
-                    held.last_renewed = self._clock()
+                    held.lease = await self._write_checkpoint(held, position, pending)
                     return held.lease
                 except StaleLease:
                     if not await self._stale(held, "checkpoint refused: the lease counter moved on"):
@@ -325,6 +324,31 @@ class LeaseCoordinator:
                         ) from None
             held.final_checkpoint = position
             return held.lease
+
+    async def _write_checkpoint(
+        self, held: HeldLease, position: ExtendedSequenceNumber, pending: ExtendedSequenceNumber | None
+    ) -> Lease:
+        """The store write, retried through a store outage for as long as the lease is ours:
+        until others could consider it expired. Then the lease is lost (LeaseLost), rather
+        than the processor failing its batch over and over."""
+        delay = 0.1
+        while True:
+            try:
+                lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
+            except StoreUnavailable as exc:
+                if self._clock() - held.last_renewed >= self.config.failover_time:
+                    self._lose(held, f"the store was unreachable for the failover time ({exc})")
+                    raise LeaseLost(
+                        f"lease {held.key}: the store was unreachable for the failover time; "
+                        f"checkpoint {position} not written",
+                        lease_key=held.key,
+                    ) from exc
+                log.warning("checkpoint of %s failed (will retry in %.1f s): %s", held.key, delay, exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            held.last_renewed = self._clock()
+            return lease
 
     async def update_children(self, held: HeldLease, child_ids: frozenset[str]) -> None:
         async with held.lock:
@@ -355,6 +379,8 @@ class LeaseCoordinator:
                     log.info("released lease %s", held.key)
             except StaleLease:
                 log.info("lease %s was already taken over when released", held.key)
+            except StoreError as exc:
+                log.warning("could not release lease %s (it will expire instead): %s", held.key, exc)
             finally:
                 held.lost.set()
 
