@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from kinesis_butler import AsyncConsumer, Record
 
@@ -18,6 +18,17 @@ async def wait_until(
     """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL)
+
+
+async def wait_until_async(
+    condition: Callable[[], Awaitable[object]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Like :func:`wait_until`, for a condition that must be awaited (e.g. reads a store)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         await asyncio.sleep(POLL_INTERVAL)

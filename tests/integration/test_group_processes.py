@@ -17,7 +17,7 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ import pytest
 from kinesis_butler.aws import KinesisClient, PutRecordsEntry
 from kinesis_butler.models import Lease
 from kinesis_butler.stores import open_store
-from tests.helpers import wait_until
+from tests.helpers import wait_until, wait_until_async
 from tests.integration.conftest import StreamFactory
 
 pytestmark = pytest.mark.integration
@@ -41,6 +41,7 @@ PROCESSOR = textwrap.dedent(
     """
 )
 FAILOVER = 3.0
+PRODUCE_EVERY = 0.1  # seconds between PutRecords of 40 records: steady traffic, not a wait
 
 
 class Group:
@@ -109,22 +110,6 @@ async def group(
                 proc.wait(10)
 
 
-async def _until(check: Callable[[], object], what: str, timeout: float = 60) -> None:
-    """Wait on an async condition (reading the store) with a deadline."""
-    state = {"ok": False}
-
-    async def poll() -> None:
-        while not state["ok"]:
-            state["ok"] = bool(await check())  # type: ignore[misc]
-            if not state["ok"]:
-                await asyncio.sleep(0.2)
-
-    try:
-        await asyncio.wait_for(poll(), timeout)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}") from None
-
-
 def _active_owners(leases: list[Lease]) -> Counter[str | None]:
     return Counter(lease.lease_owner for lease in leases if not lease.checkpoint.is_shard_end)
 
@@ -145,7 +130,7 @@ async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # 
             result = await kinesis.put_records(group.stream, entries)
             assert result.failed_record_count == 0
             written += 40
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(PRODUCE_EVERY)
 
     producer = asyncio.create_task(produce())
     try:
@@ -160,7 +145,7 @@ async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # 
                 set(owners) == {"w1", "w2", "w3", "w4"} and max(owners.values()) - min(owners.values()) <= 1
             )
 
-        await _until(balanced, "4 workers balanced within one lease", timeout=60)
+        await wait_until_async(balanced, timeout=60, what="4 workers balanced within one lease")
 
         group.procs["w2"].kill()  # SIGKILL: no shutdown, leases left owned
 
@@ -168,7 +153,7 @@ async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # 
             owners = _active_owners(await group.leases())
             return "w2" not in owners and None not in owners
 
-        await _until(w2_gone, "w2's shards taken over", timeout=FAILOVER * 6)
+        await wait_until_async(w2_gone, timeout=FAILOVER * 6, what="w2's shards taken over")
 
         group.procs["w3"].send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(group.procs["w3"].wait, 60) == 0
@@ -177,7 +162,7 @@ async def test_a_group_of_processes_joins_fails_over_hands_off_and_reshards(  # 
             owners = _active_owners(await group.leases())
             return "w3" not in owners and None not in owners
 
-        await _until(w3_gone, "w3's shards handed to the others", timeout=30)
+        await wait_until_async(w3_gone, timeout=30, what="w3's shards handed to the others")
 
         shards = {s.shard_id: s for s in await kinesis.list_shards(group.stream)}
         first, second, third = sorted(shards)[:3]

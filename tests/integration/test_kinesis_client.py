@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 
 import pytest
 
 from kinesis_butler.aws import GetRecordsResult, KinesisClient, PutRecordsEntry, ShardFilter
 from kinesis_butler.errors import AwsError, ResourceInUse, ResourceNotFound
 from kinesis_butler.models import Record, Shard
+from tests.helpers import wait_until_async
 from tests.integration.conftest import DEADLINE, StreamFactory
 
 pytestmark = pytest.mark.integration
 
 MAX_HASH = 2**128 - 1
-
-
-async def wait_until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def read_until(
@@ -171,7 +162,7 @@ async def test_iterator_types_start_where_they_say(kinesis: KinesisClient, new_s
     async def clock_passed() -> bool:
         return time.time() > last_arrival + 0.05
 
-    await wait_until(clock_passed, "the clock to pass the first batch")
+    await wait_until_async(clock_passed, timeout=DEADLINE, what="the clock to pass the first batch")
     second_batch = payloads(3, "b")
     await put_all(kinesis, stream, [PutRecordsEntry(d, "k") for d in second_batch])
 
@@ -196,7 +187,7 @@ async def wait_for_shards(kinesis: KinesisClient, stream: str, count: int) -> li
         found[:] = await kinesis.list_shards(stream)
         return summary.stream_status == "ACTIVE" and len(found) == count
 
-    await wait_until(listed, f"{count} shards in {stream}")
+    await wait_until_async(listed, timeout=DEADLINE, what=f"{count} shards in {stream}")
     return found
 
 
@@ -275,7 +266,7 @@ async def test_update_shard_count_reshards_uniformly(
         summary = await kinesis.describe_stream_summary(stream)
         return summary.stream_status == "ACTIVE" and summary.open_shard_count == 2
 
-    await wait_until(two_open, "two open shards")
+    await wait_until_async(two_open, timeout=DEADLINE, what="two open shards")
     open_shards = await kinesis.list_shards(stream, shard_filter=ShardFilter("AT_LATEST"))
     assert len(open_shards) == 2
 
@@ -291,7 +282,7 @@ async def test_delete_stream_then_it_is_gone(kinesis: KinesisClient, new_stream:
             return True
         return False
 
-    await wait_until(gone, f"{stream} to be deleted")
+    await wait_until_async(gone, timeout=DEADLINE, what=f"{stream} to be deleted")
 
 
 async def test_get_shard_iterator_for_an_unknown_shard(

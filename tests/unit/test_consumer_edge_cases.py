@@ -30,7 +30,7 @@ from kinesis_butler.errors import ConfigError, InvalidArgument, Throttled
 from kinesis_butler.models import Lease
 from kinesis_butler.stores import MemoryBacking, MemoryLeaseStore
 from kinesis_butler.testing.fake import FakeKinesis
-from tests.helpers import Collector, consume_until, wait_until
+from tests.helpers import Collector, consume_until, wait_until, wait_until_async, wait_until_sync
 
 FAST = ConsumerConfig(
     failover_time=1.0,
@@ -206,16 +206,15 @@ async def test_a_shard_stopped_by_an_error_releases_its_lease() -> None:
         counter = (await _lease(backing, SHARD0)).lease_counter
         holder: list[Lease] = []
 
-        async def settle() -> None:
+        async def settled() -> bool:
             # either released, or renewed again (the bug) — both happen within a few renew intervals
-            for _ in range(200):
-                lease = await _lease(backing, SHARD0)
-                if lease.lease_owner != consumer.worker_id or lease.lease_counter > counter + 1:
-                    holder.append(lease)
-                    return
-                await asyncio.sleep(0.01)
+            lease = await _lease(backing, SHARD0)
+            if lease.lease_owner != consumer.worker_id or lease.lease_counter > counter + 1:
+                holder.append(lease)
+                return True
+            return False
 
-        await asyncio.wait_for(settle(), 5)
+        await wait_until_async(settled, timeout=5, what="the failed shard's lease to settle")
         assert holder[0].lease_owner != consumer.worker_id, (
             f"failed shard's lease is still owned and renewed by this worker (counter {counter} -> "
             f"{holder[0].lease_counter})"
@@ -500,9 +499,7 @@ def test_sync_stop_from_the_processor_does_not_wait_out_the_shutdown_timeout() -
     try:
         consumer.start()
         consumer.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while not took and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until_sync(lambda: bool(took), timeout=10, what="the processor to return from stop()")
     finally:
         consumer.close()
     assert took, "the processor never returned from stop()"

@@ -13,6 +13,7 @@ from kinesis_butler.stores import MemoryBacking, MemoryLeaseStore
 from kinesis_butler.testing.fake import FakeKinesis
 from tests.helpers import Collector, wait_until
 
+FEED_EVERY = 0.005  # seconds between writes of 20 records: steady traffic, not a wait
 FAST = ConsumerConfig(
     failover_time=1.0,
     renew_interval=0.1,
@@ -64,7 +65,7 @@ async def test_a_joining_worker_gets_its_share_by_handoff_with_no_duplicates() -
         while feeding:
             _fill(fake, "s", 20, start=n)
             n += 20
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(FEED_EVERY)
 
     feeder = asyncio.create_task(feed())
     runner_b = asyncio.create_task(b.run())
