@@ -12,8 +12,9 @@ from kinesis_butler.testing.emulator import KinesisEmulator
 pytest_plugins = ["tests.fixtures_postgres", "tests.fixtures_redis", "tests.fixtures_dynamodb"]
 
 # Dummy credentials for the local emulator; the real chain is never consulted in tests.
-os.environ.setdefault("AWS_ACCESS_KEY_ID", "test-access-key")
-os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test-secret-key")
+# Letters and digits only: DynamoDB Local 2+ rejects other access key ids.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testAccessKey")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testSecretKey")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("AWS_REGION", "us-east-1")
 

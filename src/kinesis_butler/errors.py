@@ -73,6 +73,7 @@ class AwsError(ButlerError):
         self.code = code
         self.request_id = request_id
         self.status = status
+        self.body: bytes | None = None  # the raw error response, for callers that need details
 
     def __str__(self) -> str:
         parts = [self.message]

@@ -179,13 +179,17 @@ def error_from_response(
     cls = ERROR_CODES.get(code)
     if cls is None:
         cls = ServiceUnavailable if status >= 500 else AwsError
-    return cls(
+    error = cls(
         message or code or f"HTTP {status}",
         operation=operation,
         code=code,
         request_id=request_id,
         status=status,
     )
+    # Kept for callers that read more than the message (DynamoDB's ALL_OLD item on a failed
+    # condition); never part of str(error), so nothing from it reaches logs by accident.
+    error.body = body
+    return error
 
 
 class _Unreachable(Exception):

@@ -6,9 +6,12 @@ Store URLs:
 ``memory://``                             a fresh in-process store (tests, demos)
 ``sqlite:///leases.db``                   a SQLite file relative to the current directory
 ``sqlite:////var/lib/app/leases.db``      an absolute path: four slashes, as in SQLAlchemy
-``postgresql://`` ``redis://``            not available yet
-``dynamodb://``                           not available yet
+``postgresql://user:pw@host:5432/db``     PostgreSQL (``pip install kinesis-butler[postgres]``)
+``redis://[:pw@]host:6379/0``             Redis (``pip install kinesis-butler[redis]``)
+``dynamodb://TABLE?region=..``            DynamoDB, the Java KCL's lease table layout
 ========================================  ==================================================
+
+Backends with optional dependencies are imported only when their URL is used.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ __all__ = [
     "validate_app_name",
 ]
 
-_SUPPORTED: Final = "memory:// or sqlite:///path/to/leases.db"
-_PLANNED: Final = frozenset({"postgresql", "postgres", "redis", "rediss", "dynamodb"})
+_SUPPORTED: Final = (
+    "memory://, sqlite:///path/to/leases.db, postgresql://host/db, redis://host:6379/0, dynamodb://TABLE"
+)
 # Up to 255 characters, DynamoDB's table-name limit, so a name that works here works with
 # every backend; no ':' or '/' so names embed safely in keys, paths and table names.
 _APP_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -74,11 +78,26 @@ def open_store(url: str, app: str) -> LeaseStore:
         return MemoryLeaseStore(app)
     if scheme == "sqlite":
         return SqliteLeaseStore(_sqlite_path(url, rest), app)
-    if scheme.partition("+")[0] in _PLANNED:
+    base = scheme.partition("+")[0]
+    try:
+        if base in ("postgresql", "postgres"):
+            from kinesis_butler.stores.postgres import PostgresLeaseStore  # noqa: PLC0415 - optional dependency
+
+            return PostgresLeaseStore.from_url(url, app)
+        if base in ("redis", "rediss"):
+            from kinesis_butler.stores.redis import RedisLeaseStore  # noqa: PLC0415 - optional dependency
+
+            return RedisLeaseStore.from_url(url, app)
+        if base == "dynamodb":
+            from kinesis_butler.stores.dynamodb import DynamoDbLeaseStore  # noqa: PLC0415
+
+            return DynamoDbLeaseStore.from_url(url, app)
+    except ImportError as exc:
+        extra = "postgres" if base.startswith("postgres") else "redis"
         raise ConfigError(
-            f"lease store URL {redact_url(url)!r}: the {scheme.partition('+')[0]} backend is not "
-            f"available yet; use {_SUPPORTED}"
-        )
+            f"lease store URL {redact_url(url)!r} needs a driver that is not installed ({exc.name}): "
+            f"pip install 'kinesis-butler[{extra}]'"
+        ) from None
     raise _bad_url(url, f"unknown scheme {scheme!r}")
 
 
