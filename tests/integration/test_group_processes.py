@@ -25,6 +25,7 @@ import pytest
 from kinesis_butler.aws import KinesisClient, PutRecordsEntry
 from kinesis_butler.models import Lease
 from kinesis_butler.stores import open_store
+from tests.fixtures_dynamodb import unique_table_name
 from tests.helpers import wait_until, wait_until_async
 from tests.integration.conftest import StreamFactory
 
@@ -94,12 +95,28 @@ class Group:
             await asyncio.to_thread(proc.wait, 60)
 
 
-@pytest.fixture
+STORES = ["sqlite", "dynamodb"]
+
+
+def _store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'leases.db'}"
+    if kind == "dynamodb":
+        endpoint = request.getfixturevalue("dynamodb_moto")
+        return f"dynamodb://{unique_table_name()}?region=us-east-1&endpoint_url={endpoint}"
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=STORES)
 async def group(
-    kinesis: KinesisClient, kinesis_endpoint: str, new_stream: StreamFactory, tmp_path: Path
+    request: pytest.FixtureRequest,
+    kinesis: KinesisClient,
+    kinesis_endpoint: str,
+    new_stream: StreamFactory,
+    tmp_path: Path,
 ) -> AsyncIterator[Group]:
     stream = await new_stream(8)
-    grp = Group(tmp_path, stream, kinesis_endpoint, f"sqlite:///{tmp_path / 'leases.db'}")
+    grp = Group(tmp_path, stream, kinesis_endpoint, _store_url(request.param, request, tmp_path))
     try:
         yield grp
     finally:
