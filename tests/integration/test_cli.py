@@ -180,3 +180,37 @@ async def test_local_runs_the_emulator_until_sigterm_and_creates_streams(tmp_pat
     assert process.returncode == 0
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) != 0, "the emulator outlived the command"
+
+
+@pytest.mark.parametrize("kind", ["foreign sqlite table", "unreachable postgres", "unreachable redis"])
+def test_store_problems_are_one_clear_line(kind: str, kinesis_endpoint: str, tmp_path: Path) -> None:
+    (tmp_path / "myproc.py").write_text(PROCESSOR)
+    if kind == "foreign sqlite table":
+        with sqlite3.connect(tmp_path / "other.db") as db:
+            db.execute("CREATE TABLE leases (id INTEGER PRIMARY KEY, holder TEXT)")
+        db.close()
+        store, expected = "sqlite:///other.db", "not a kinesis-butler lease table"
+    elif kind == "unreachable postgres":
+        store, expected = f"postgresql://kb:hunter2@127.0.0.1:{free_port()}/x", "127.0.0.1"
+    else:
+        store, expected = f"redis://:hunter2@127.0.0.1:{free_port()}/0", "127.0.0.1"
+
+    async def make_stream() -> str:
+        async with KinesisClient(endpoint_url=kinesis_endpoint, region="us-east-1") as client:
+            name = f"kb-store-{abs(hash(kind)) % 10**8}-{free_port()}"
+            await client.create_stream(name, 1)
+            await client.wait_for_active(name)
+            return name
+
+    stream = asyncio.run(make_stream())
+    argv = [
+        "consume", "--stream", stream, "--app", "app", "--processor", "myproc:handle", "--store", store,
+        "--endpoint-url", kinesis_endpoint, "--region", "us-east-1", "--quiet",
+    ]  # fmt: skip
+    process = _cli(*argv, cwd=tmp_path, env={"OUT": str(tmp_path / "out")})
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert "Traceback" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("kinesis-butler: error:")]
+    assert expected in line
+    assert "hunter2" not in stderr
