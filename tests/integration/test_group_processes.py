@@ -95,12 +95,19 @@ class Group:
             await asyncio.to_thread(proc.wait, 60)
 
 
-STORES = ["sqlite", "dynamodb"]
+STORES = ["sqlite", "postgres", "redis", "dynamodb"]
 
 
 def _store_url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'leases.db'}"
+    if kind == "postgres":
+        dsn: str = request.getfixturevalue("postgres_schema_dsn")
+        return dsn
+    if kind == "redis":
+        url: str = request.getfixturevalue("redis_url")
+        prefix: str = request.getfixturevalue("redis_prefix")
+        return f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
     if kind == "dynamodb":
         endpoint = request.getfixturevalue("dynamodb_moto")
         return f"dynamodb://{unique_table_name()}?region=us-east-1&endpoint_url={endpoint}"
