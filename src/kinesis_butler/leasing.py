@@ -53,9 +53,9 @@ class HeldLease:
     lost: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once it is not ours
     released: bool = False  # this worker gave it up on purpose (set before the release write)
     handoff: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # another worker asked for it
-    final_checkpoint: ExtendedSequenceNumber | None = (
-        None  # checkpointed during a handoff, written at its end
-    )
+    # Accepted but not yet in the store: during a handoff (written by its final write), or
+    # during a store outage for a non-waiting checkpoint (written when the store returns).
+    unwritten_checkpoint: ExtendedSequenceNumber | None = None
 
     @property
     def key(self) -> str:
@@ -112,6 +112,10 @@ class LeaseCoordinator:
         self.incoming: dict[str, _Incoming] = {}
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (counter, when first seen)
         self._refused: set[str] = set()  # leases this worker must not take again (failed shards)
+        # Positions processed but never written because the store was down when the lease was
+        # lost: (the counter the lease had, the position). Written if we take the lease back
+        # with that same counter, i.e. nobody else touched it in between.
+        self._orphaned: dict[str, tuple[int, ExtendedSequenceNumber]] = {}
         self.taking = True
 
     @property
@@ -178,6 +182,7 @@ class LeaseCoordinator:
                 with contextlib.suppress(StaleLease):
                     await self.store.evict_lease(stored)
                 continue
+            stored = await self._adopt_orphan(lease, stored)
             taken.append(self._hold(stored, "took"))
         for lease in plan.steal:
             try:
@@ -249,6 +254,9 @@ class LeaseCoordinator:
             try:
                 held.lease = await self.store.renew_lease(held.lease)
                 held.last_renewed = self._clock()
+                if held.unwritten_checkpoint is not None:  # the store is back: catch up
+                    held.lease = await self.store.checkpoint(held.lease, held.unwritten_checkpoint)
+                    held.unwritten_checkpoint = None
             except StaleLease:
                 await self._stale(held, "renewal refused: the lease counter moved on")
             except StoreUnavailable as exc:
@@ -279,7 +287,23 @@ class LeaseCoordinator:
         self._lose(held, why if current is None else f"{why}; now owned by {current.lease_owner}")
         return False
 
+    async def _adopt_orphan(self, seen: Lease, stored: Lease) -> Lease:
+        orphan = self._orphaned.pop(stored.lease_key, None)
+        if orphan is None or orphan[0] != seen.lease_counter or not stored.checkpoint < orphan[1]:
+            return stored
+        try:
+            stored = await self.store.checkpoint(stored, orphan[1])
+        except StoreError as exc:
+            log.warning(
+                "could not write the checkpoint kept through the outage for %s: %s", stored.lease_key, exc
+            )
+        else:
+            log.info("wrote checkpoint %s of %s kept through the store outage", orphan[1], stored.lease_key)
+        return stored
+
     def _lose(self, held: HeldLease, why: str) -> None:
+        if held.unwritten_checkpoint is not None and not held.handoff.is_set():
+            self._orphaned[held.key] = (held.lease.lease_counter, held.unwritten_checkpoint)
         if self.held.get(held.key) is held:
             del self.held[held.key]
         if not held.lost.is_set():
@@ -294,10 +318,14 @@ class LeaseCoordinator:
         position: ExtendedSequenceNumber,
         *,
         pending: ExtendedSequenceNumber | None = None,
+        wait: bool = True,
     ) -> Lease:
         """Write a checkpoint for a held lease; LeaseLost if it is gone.
 
-        During a handoff the position is kept and written by the handoff's final write."""
+        During a handoff the position is kept and written by the handoff's final write. With
+        ``wait=False`` a store outage does not block: the position is kept and written by the
+        next renewal that reaches the store (the lease is lost if none does within the
+        failover time, and the next owner then starts from the last written checkpoint)."""
         async with held.lock:
             if held.lost.is_set() or held.released:
                 raise LeaseLost(
@@ -305,7 +333,7 @@ class LeaseCoordinator:
                 )
             # Checked here, under the lock, so that two concurrent checkpoints cannot both pass
             # a check made against a position that the other one is about to replace.
-            current = held.final_checkpoint or held.lease.checkpoint
+            current = held.unwritten_checkpoint or held.lease.checkpoint
             if position < current:
                 raise CheckpointError(
                     f"checkpoint {position} on {held.key} goes backwards (stored: {current})"
@@ -314,7 +342,11 @@ class LeaseCoordinator:
                 return held.lease
             if not held.handoff.is_set():
                 try:
-                    held.lease = await self._write_checkpoint(held, position, pending)
+                    held.lease = await self._write_checkpoint(held, position, pending, wait=wait)
+                    held.unwritten_checkpoint = None
+                    return held.lease
+                except StoreUnavailable:
+                    held.unwritten_checkpoint = position  # only raised when not waiting
                     return held.lease
                 except StaleLease:
                     if not await self._stale(held, "checkpoint refused: the lease counter moved on"):
@@ -322,11 +354,16 @@ class LeaseCoordinator:
                             f"lease {held.key} is owned by another worker now; checkpoint {position} refused",
                             lease_key=held.key,
                         ) from None
-            held.final_checkpoint = position
+            held.unwritten_checkpoint = position
             return held.lease
 
     async def _write_checkpoint(
-        self, held: HeldLease, position: ExtendedSequenceNumber, pending: ExtendedSequenceNumber | None
+        self,
+        held: HeldLease,
+        position: ExtendedSequenceNumber,
+        pending: ExtendedSequenceNumber | None,
+        *,
+        wait: bool = True,
     ) -> Lease:
         """The store write, retried through a store outage for as long as the lease is ours:
         until others could consider it expired. Then the lease is lost (LeaseLost), rather
@@ -336,6 +373,9 @@ class LeaseCoordinator:
             try:
                 lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
             except StoreUnavailable as exc:
+                if not wait and self._clock() - held.last_renewed < self.config.failover_time:
+                    log.warning("checkpoint of %s deferred until the store answers: %s", held.key, exc)
+                    raise
                 if self._clock() - held.last_renewed >= self.config.failover_time:
                     self._lose(held, f"the store was unreachable for the failover time ({exc})")
                     raise LeaseLost(
@@ -370,11 +410,15 @@ class LeaseCoordinator:
             held.released = True
             try:
                 if held.handoff.is_set():
-                    await self.store.complete_handoff(held.lease, held.final_checkpoint)
+                    await self.store.complete_handoff(held.lease, held.unwritten_checkpoint)
                     log.info(
-                        "handed lease %s over at %s", held.key, held.final_checkpoint or held.lease.checkpoint
+                        "handed lease %s over at %s",
+                        held.key,
+                        held.unwritten_checkpoint or held.lease.checkpoint,
                     )
                 else:
+                    if held.unwritten_checkpoint is not None:
+                        held.lease = await self.store.checkpoint(held.lease, held.unwritten_checkpoint)
                     await self.store.evict_lease(held.lease)
                     log.info("released lease %s", held.key)
             except StaleLease:

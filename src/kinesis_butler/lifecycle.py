@@ -108,7 +108,7 @@ class ShardCheckpointer:
         sequence, sub_sequence = target
         return ExtendedSequenceNumber(sequence, sub_sequence)
 
-    async def checkpoint(self, target: CheckpointTarget = None) -> None:
+    async def checkpoint(self, target: CheckpointTarget = None, *, wait: bool = True) -> None:
         position = self._position(target)
         if position is None:
             position = self.last_delivered
@@ -126,13 +126,13 @@ class ShardCheckpointer:
                 f"checkpoint {position} on shard {self._held.key} is beyond the last delivered record "
                 f"({self.last_delivered})"
             )
-        await self._coordinator.checkpoint(self._held, position)
+        await self._coordinator.checkpoint(self._held, position, wait=wait)
         self.changed.set()
 
     @property
     def caught_up(self) -> bool:
         """True when everything delivered so far is checkpointed."""
-        done = self._held.final_checkpoint or self._held.lease.checkpoint
+        done = self._held.unwritten_checkpoint or self._held.lease.checkpoint
         return self.last_delivered is None or not done < self.last_delivered
 
     async def wait_caught_up(self) -> None:

@@ -54,8 +54,11 @@ sequence number, or None for "everything delivered so far"."""
 class Checkpointer(Protocol):
     """Records progress for one shard. Refuses (LeaseLost) once the lease is gone."""
 
-    async def checkpoint(self, target: CheckpointTarget = None) -> None:
+    async def checkpoint(self, target: CheckpointTarget = None, *, wait: bool = True) -> None:
         """Mark everything up to and including ``target`` as processed.
+
+        With ``wait=False`` a lease-store outage does not block the caller: the position is
+        kept and written as soon as the store answers again (within the failover time).
 
         Raises:
             LeaseLost: this worker no longer holds the shard's lease.
@@ -185,7 +188,8 @@ class FunctionProcessor(RecordProcessorBase):
 
     async def process_records(self, process_records_input: ProcessRecordsInput) -> None:
         await call_maybe_async(self._func, list(process_records_input.records))
-        await process_records_input.checkpointer.checkpoint()
+        # wait=False: a store outage must not stop the processing of the shards we hold.
+        await process_records_input.checkpointer.checkpoint(wait=False)
 
     async def shard_ended(self, shard_ended_input: ShardEndedInput) -> None:
         return None
