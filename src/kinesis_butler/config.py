@@ -40,7 +40,10 @@ class ConsumerConfig:
         failover_time: seconds a lease's counter may stay unchanged before other workers
             consider it expired (KCL ``failoverTimeMillis``, 10 s).
         renew_interval: seconds between lease renewals; default failover_time / 3.
-        take_interval: seconds between attempts to take leases; default failover_time / 2.
+        take_interval: seconds between reads of the lease table to take, steal and detect
+            expired leases; default failover_time / 3. Expiry is judged from when a worker
+            first *saw* a counter value, so a dead worker's shards are taken over within
+            failover_time + take_interval: keep it at most the renew interval.
         shard_sync_interval: seconds between ListShards calls that discover new shards.
         idle_poll_interval: seconds between GetRecords calls when the shard is caught up.
         min_poll_interval: the least time between two GetRecords on one shard (5 per second quota).
@@ -101,4 +104,4 @@ class ConsumerConfig:
 
     @property
     def effective_take_interval(self) -> float:
-        return self.take_interval if self.take_interval is not None else self.failover_time / 2
+        return self.take_interval if self.take_interval is not None else self.failover_time / 3
