@@ -162,14 +162,12 @@ class LeaseCoordinator:
         await self._check_held_against(leases)
         if not self.taking:
             return []
+        # Leases on their way to us stay in: they are ours (lease_owner) and count toward our
+        # share; plan_takes never takes or steals a lease whose handoff is under way.
         candidates = [
-            lease
-            for lease in leases
-            if lease.lease_key not in self._refused
-            and lease.lease_key not in self.incoming
-            and self._eligible(lease)
+            lease for lease in leases if lease.lease_key not in self._refused and self._eligible(lease)
         ]
-        plan = plan_takes(candidates, self.worker_id, expired, max_leases=self._cap())
+        plan = plan_takes(candidates, self.worker_id, expired, max_leases=self.config.max_leases)
         taken: list[HeldLease] = []
         for lease in plan.take:
             if lease.lease_key in self.held:
@@ -192,12 +190,6 @@ class LeaseCoordinator:
             log.info("asked %s to hand over lease %s", lease.lease_owner, lease.lease_key)
             self.incoming[stored.lease_key] = _Incoming(stored, self._clock())
         return taken
-
-    def _cap(self) -> int | None:
-        # Leases on their way to us count toward our share, so we do not over-steal.
-        if self.config.max_leases is None:
-            return None
-        return max(0, self.config.max_leases - len(self.incoming))
 
     def _hold(self, stored: Lease, how: str) -> HeldLease:
         now = self._clock()
