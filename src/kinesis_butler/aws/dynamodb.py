@@ -1,8 +1,8 @@
 """The few DynamoDB operations the lease store needs, typed, over the JSON transport.
 
-Items are ``dict[str, AttributeValue]`` where :class:`AttributeValue` is a msgspec Struct with
-one optional field per DynamoDB type, so ``{"S": "x"}`` on the wire is ``AttributeValue(S="x")``
-here and bodies are encoded and decoded in one C pass each.
+Items are ``dict[str, AttributeValue]``, msgspec Structs with one field per DynamoDB type, so
+bodies are encoded and decoded in one C pass each; :class:`Expression` builds updates and
+conditions.
 
 Conditional writes are retried here rather than in the transport, because a retry of a write
 that timed out may find its own earlier attempt applied: the condition then fails against our
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
@@ -23,6 +22,22 @@ from typing import Any, Final, Literal
 import aiohttp
 import msgspec
 
+from kinesis_butler.aws._dynamodb_expressions import Expression
+from kinesis_butler.aws._dynamodb_shapes import (
+    AttributeDefinition,
+    AttributeValue,
+    BillingModeSummary,
+    Item,
+    KeySchemaElement,
+    ScanOutput,
+    TableDescription,
+    decode,
+    described,
+    encoder,
+    item_decoder,
+    scan_decoder,
+    table_decoder,
+)
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
 from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
 from kinesis_butler.errors import (
@@ -49,211 +64,6 @@ __all__ = [
 
 _TARGET_PREFIX: Final = "DynamoDB_20120810"
 _CONTENT_TYPE: Final = "application/x-amz-json-1.0"
-_PLAIN_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9]*")
-
-
-class AttributeValue(msgspec.Struct, omit_defaults=True):
-    """One DynamoDB attribute value; exactly one field is set.
-
-    Attributes:
-        S: a string. N: a number, as its decimal string. B: binary (base64 on the wire).
-        SS / NS / BS: sets of strings, numbers and binaries (never empty in DynamoDB).
-        M: a map. L: a list. NULL: true for a null. BOOL: a boolean.
-    """
-
-    S: str | None = None
-    N: str | None = None
-    B: bytes | None = None
-    SS: list[str] | None = None
-    NS: list[str] | None = None
-    BS: list[bytes] | None = None
-    M: dict[str, AttributeValue] | None = None
-    L: list[AttributeValue] | None = None
-    NULL: bool | None = None
-    BOOL: bool | None = None
-
-
-Item = dict[str, AttributeValue]
-"""An item, or a key: attribute name to value."""
-
-
-class _Pascal(msgspec.Struct, rename="pascal", omit_defaults=True):
-    """Base of the wire shapes: ``table_name`` is ``TableName``; unset fields are left out."""
-
-
-class _FrozenPascal(msgspec.Struct, rename="pascal", omit_defaults=True, frozen=True):
-    """Base of the immutable public wire shapes."""
-
-
-class KeySchemaElement(_FrozenPascal, frozen=True):
-    """One key attribute: ``attribute_name`` and ``key_type`` (``HASH`` or ``RANGE``)."""
-
-    attribute_name: str
-    key_type: str
-
-
-class AttributeDefinition(_FrozenPascal, frozen=True):
-    """A key attribute's type: ``attribute_type`` is ``S``, ``N`` or ``B``."""
-
-    attribute_name: str
-    attribute_type: str
-
-
-class BillingModeSummary(_FrozenPascal, frozen=True):
-    """How a table is billed: ``billing_mode`` is ``PAY_PER_REQUEST`` or ``PROVISIONED``."""
-
-    billing_mode: str = "PROVISIONED"
-
-
-class TableDescription(_FrozenPascal, frozen=True):
-    """What DescribeTable says about a table (the fields the lease store uses).
-
-    Attributes:
-        table_name: the name.
-        table_status: ``CREATING``, ``UPDATING``, ``DELETING``, ``ACTIVE``, ...
-        key_schema: the primary key, hash key first.
-        attribute_definitions: the types of the key attributes (and of index keys).
-        billing_mode_summary: absent for provisioned tables created long ago.
-        item_count: approximate; DynamoDB refreshes it about every six hours.
-    """
-
-    table_name: str
-    table_status: str
-    key_schema: tuple[KeySchemaElement, ...] = ()
-    attribute_definitions: tuple[AttributeDefinition, ...] = ()
-    billing_mode_summary: BillingModeSummary | None = None
-    item_count: int = 0
-
-    @property
-    def billing_mode(self) -> str:
-        """``PAY_PER_REQUEST`` or ``PROVISIONED``."""
-        return self.billing_mode_summary.billing_mode if self.billing_mode_summary else "PROVISIONED"
-
-
-class _TableOutput(_Pascal):
-    table: TableDescription | None = None
-    table_description: TableDescription | None = None
-
-
-class _ItemOutput(_Pascal):
-    item: Item | None = None
-    attributes: Item | None = None
-
-
-class _ScanOutput(_Pascal):
-    items: list[Item] = []
-    last_evaluated_key: Item | None = None
-
-
-_encoder: Final = msgspec.json.Encoder()
-_table_decoder: Final = msgspec.json.Decoder(_TableOutput)
-_item_decoder: Final = msgspec.json.Decoder(_ItemOutput)
-_scan_decoder: Final = msgspec.json.Decoder(_ScanOutput)
-
-
-class Expression:
-    """Builds an update and a condition with a placeholder for every attribute name and value.
-
-    Placeholders keep reserved words (DynamoDB reserves hundreds) and odd characters out of the
-    expression text, and only placeholders actually used are sent (DynamoDB rejects unused ones).
-
-    Example:
-        >>> e = Expression().set("leaseCounter", AttributeValue(N="6")).require_equal(
-        ...     "leaseCounter", AttributeValue(N="5"))
-        >>> e.update_expression, e.condition_expression
-        ('SET #leaseCounter = :v0', '#leaseCounter = :v1')
-    """
-
-    def __init__(self) -> None:
-        self.names: dict[str, str] = {}  # placeholder -> attribute, as sent
-        self.values: Item = {}
-        self._placeholders: dict[str, str] = {}  # attribute -> placeholder
-        self.assigned: Item = {}  # attribute -> the literal value this update SETs
-        self.removed: list[str] = []  # attributes this update REMOVEs
-        self.expected: dict[str, AttributeValue | None] = {}  # conditions: value, or None for absent
-        self._set: list[str] = []
-        self._conditions: list[str] = []
-
-    def name(self, attribute: str) -> str:
-        """The placeholder of ``attribute`` (``#leaseOwner``), registering it."""
-        placeholder = self._placeholders.get(attribute)
-        if placeholder is None:
-            # Readable placeholders for plain names; numbered ones for anything else.
-            placeholder = f"#{attribute}" if _PLAIN_NAME.fullmatch(attribute) else f"#n{len(self.names)}"
-            self._placeholders[attribute] = placeholder
-            self.names[placeholder] = attribute
-        return placeholder
-
-    def value(self, value: AttributeValue) -> str:
-        """A new placeholder (``:v3``) for ``value``."""
-        placeholder = f":v{len(self.values)}"
-        self.values[placeholder] = value
-        return placeholder
-
-    def set(self, attribute: str, value: AttributeValue) -> Expression:
-        """``SET attribute = value``."""
-        self._set.append(f"{self.name(attribute)} = {self.value(value)}")
-        self.assigned[attribute] = value
-        return self
-
-    def increment(self, attribute: str, by: int = 1) -> Expression:
-        """``SET attribute = if_not_exists(attribute, 0) + by`` (a missing number counts as 0)."""
-        name = self.name(attribute)
-        zero, step = self.value(AttributeValue(N="0")), self.value(AttributeValue(N=str(by)))
-        self._set.append(f"{name} = if_not_exists({name}, {zero}) + {step}")
-        return self
-
-    def remove(self, attribute: str) -> Expression:
-        """``REMOVE attribute`` (no error if it is absent)."""
-        self.removed.append(attribute)
-        self.name(attribute)
-        return self
-
-    def require_equal(self, attribute: str, value: AttributeValue) -> Expression:
-        """Condition: ``attribute = value``."""
-        self._conditions.append(f"{self.name(attribute)} = {self.value(value)}")
-        self.expected[attribute] = value
-        return self
-
-    def require_absent(self, attribute: str) -> Expression:
-        """Condition: ``attribute_not_exists(attribute)``."""
-        self._conditions.append(f"attribute_not_exists({self.name(attribute)})")
-        self.expected[attribute] = None
-        return self
-
-    def require_present(self, attribute: str) -> Expression:
-        """Condition: ``attribute_exists(attribute)``."""
-        self._conditions.append(f"attribute_exists({self.name(attribute)})")
-        return self
-
-    @property
-    def update_expression(self) -> str | None:
-        """The ``UpdateExpression`` text, or None when nothing is updated."""
-        parts = []
-        if self._set:
-            parts.append("SET " + ", ".join(self._set))
-        if self.removed:
-            parts.append("REMOVE " + ", ".join(self.name(a) for a in self.removed))
-        return " ".join(parts) or None
-
-    @property
-    def condition_expression(self) -> str | None:
-        """The ``ConditionExpression`` text (clauses joined by AND), or None."""
-        return " AND ".join(self._conditions) or None
-
-    def request_fields(self) -> dict[str, Any]:
-        """The condition and placeholder fields of a write request."""
-        fields: dict[str, Any] = {
-            "ExpressionAttributeNames": self.names,
-            "ExpressionAttributeValues": self.values,
-        }
-        if self._conditions:
-            # Costs nothing extra and lets the caller explain a failure without a second read.
-            fields |= {
-                "ConditionExpression": self.condition_expression,
-                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-            }
-        return {name: value for name, value in fields.items() if value}
 
 
 class ConditionFailed(ConditionalCheckFailed):
@@ -285,7 +95,7 @@ def _condition_failed(exc: ConditionalCheckFailed, ambiguous: bool) -> Condition
     body = getattr(exc, "body", None)
     if isinstance(body, bytes):
         try:
-            old = _item_decoder.decode(body).item
+            old = item_decoder.decode(body).item
         except (msgspec.DecodeError, msgspec.ValidationError):
             pass
         else:
@@ -299,21 +109,6 @@ def _maybe_applied(exc: Exception) -> bool:
         # Refused or unresolvable: the request never left this host.
         return not isinstance(exc.__cause__, aiohttp.ClientConnectorError)
     return isinstance(exc, ServiceUnavailable)  # a throttled request was not applied
-
-
-def _decode(decoder: msgspec.json.Decoder[Any], raw: bytes, operation: str) -> Any:
-    try:
-        return decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise AwsError(
-            f"malformed {operation} response: {exc}", operation=operation, code="MalformedResponse"
-        ) from exc
-
-
-def _described(table: TableDescription | None, operation: str) -> TableDescription:
-    if table is None:
-        raise AwsError(f"{operation} answered without a table description", operation=operation)
-    return table
 
 
 class DynamoDbClient:
@@ -421,8 +216,8 @@ class DynamoDbClient:
             "AttributeDefinitions": [AttributeDefinition(hash_key, hash_key_type)],
             "BillingMode": "PAY_PER_REQUEST",
         }
-        raw = await self._transport.call("CreateTable", _encoder.encode(request))
-        return _described(_decode(_table_decoder, raw, "CreateTable").table_description, "CreateTable")
+        raw = await self._transport.call("CreateTable", encoder.encode(request))
+        return described(decode(table_decoder, raw, "CreateTable").table_description, "CreateTable")
 
     async def describe_table(self, table: str) -> TableDescription:
         """Describe a table.
@@ -430,8 +225,8 @@ class DynamoDbClient:
         Raises:
             ResourceNotFound: no table of that name exists.
         """
-        raw = await self._transport.call("DescribeTable", _encoder.encode({"TableName": table}))
-        return _described(_decode(_table_decoder, raw, "DescribeTable").table, "DescribeTable")
+        raw = await self._transport.call("DescribeTable", encoder.encode({"TableName": table}))
+        return described(decode(table_decoder, raw, "DescribeTable").table, "DescribeTable")
 
     async def wait_for_active(self, table: str, *, timeout: float = 60.0) -> TableDescription:  # noqa: ASYNC109 - public API
         """Poll DescribeTable until the table is ``ACTIVE``.
@@ -466,8 +261,8 @@ class DynamoDbClient:
     async def get_item(self, table: str, key: Item, *, consistent_read: bool = True) -> Item | None:
         """One item, or None. Strongly consistent by default (twice the read cost, never stale)."""
         request = {"TableName": table, "Key": key, "ConsistentRead": consistent_read}
-        raw = await self._transport.call("GetItem", _encoder.encode(request))
-        item: Item | None = _decode(_item_decoder, raw, "GetItem").item
+        raw = await self._transport.call("GetItem", encoder.encode(request))
+        item: Item | None = decode(item_decoder, raw, "GetItem").item
         return item
 
     async def scan(
@@ -482,8 +277,8 @@ class DynamoDbClient:
                 request["ExclusiveStartKey"] = start
             if page_size:
                 request["Limit"] = page_size
-            page: _ScanOutput = _decode(
-                _scan_decoder, await self._transport.call("Scan", _encoder.encode(request)), "Scan"
+            page: ScanOutput = decode(
+                scan_decoder, await self._transport.call("Scan", encoder.encode(request)), "Scan"
             )
             items.extend(page.items)
             if not page.last_evaluated_key:
@@ -508,7 +303,7 @@ class DynamoDbClient:
         """
         request = {"TableName": table, "Key": key, "UpdateExpression": expression.update_expression}
         raw = await self._write("UpdateItem", {**request, "ReturnValues": "ALL_NEW"}, expression)
-        item: Item | None = _decode(_item_decoder, raw, "UpdateItem").attributes
+        item: Item | None = decode(item_decoder, raw, "UpdateItem").attributes
         return item or {}
 
     async def delete_item(self, table: str, key: Item, *, condition: Expression | None = None) -> None:
@@ -522,7 +317,7 @@ class DynamoDbClient:
     async def _write(self, operation: str, request: dict[str, Any], condition: Expression | None) -> bytes:
         if condition is not None:
             request |= condition.request_fields()
-        body = _encoder.encode(request)
+        body = encoder.encode(request)
         attempts, ambiguous = 0, False
         while True:
             try:

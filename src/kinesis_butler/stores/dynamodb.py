@@ -24,9 +24,8 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
-from decimal import Decimal, InvalidOperation
-from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from typing import Final, TypeVar
+from urllib.parse import urlsplit
 
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
 from kinesis_butler.aws.dynamodb import (
@@ -35,7 +34,6 @@ from kinesis_butler.aws.dynamodb import (
     DynamoDbClient,
     Expression,
     Item,
-    KeySchemaElement,
     TableDescription,
 )
 from kinesis_butler.aws.transport import TransportOptions
@@ -55,22 +53,41 @@ from kinesis_butler.errors import (
     Throttled,
 )
 from kinesis_butler.models import ExtendedSequenceNumber, Lease
+from kinesis_butler.stores._common import stale_lease
+from kinesis_butler.stores._dynamodb_items import (  # noqa: F401 - also re-exports the KCL's attribute names
+    CHECKPOINT,
+    CHECKPOINT_OWNER,
+    CHECKPOINT_SUB,
+    CHILDREN,
+    COUNTER,
+    END_HASH,
+    ENTITY_TYPE,
+    KEY,
+    OWNER,
+    PARENTS,
+    PENDING,
+    PENDING_STATE,
+    PENDING_SUB,
+    SHARD,
+    START_HASH,
+    STREAM,
+    SWITCHES,
+    key_of,
+    lease_from_item,
+    lease_to_item,
+    n_value,
+    require_owner,
+    s_value,
+    same_value,
+    set_checkpoint,
+    shows,
+    verify_key_schema,
+)
+from kinesis_butler.stores._dynamodb_url import parse_url
 
 __all__ = ["DEFAULT_TRANSPORT_OPTIONS", "DynamoDbLeaseStore", "lease_from_item", "lease_to_item"]
 
 _T = TypeVar("_T")
-
-# The KCL's attribute names (DynamoDBLeaseSerializer, DynamoDBMultiStreamLeaseSerializer).
-KEY, OWNER, COUNTER = "leaseKey", "leaseOwner", "leaseCounter"
-CHECKPOINT, CHECKPOINT_SUB = "checkpoint", "checkpointSubSequenceNumber"
-PENDING, PENDING_SUB = "pendingCheckpoint", "pendingCheckpointSubSequenceNumber"
-PENDING_STATE = "pendingCheckpointState"  # the KCL's prepareCheckpoint state; tied to PENDING
-SWITCHES = "ownerSwitchesSinceCheckpoint"
-PARENTS, CHILDREN = "parentShardId", "childShardIds"
-START_HASH, END_HASH = "startingHashKey", "endingHashKey"
-CHECKPOINT_OWNER = "checkpointOwner"
-STREAM, SHARD = "streamName", "shardId"  # multi-stream mode only
-ENTITY_TYPE = "entityType"  # newer KCLs keep other entities in the lease table; absent = lease
 
 DEFAULT_TRANSPORT_OPTIONS: Final = TransportOptions(
     connect_timeout=2.0, total_timeout=5.0, max_attempts=4, backoff_base=0.05, backoff_cap=1.0, pool_limit=16
@@ -79,150 +96,11 @@ DEFAULT_TRANSPORT_OPTIONS: Final = TransportOptions(
 retried on the next renew tick (the default transport retries for up to ~15 s)."""
 
 _TABLE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]{3,255}")
-_URL_OPTIONS: Final = frozenset({"region", "endpoint_url", "profile", "create_table"})
-_BOOLEANS: Final = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 _OP_HANDOFF, _OP_COMPLETE = "hand off", "complete the handoff of"
 _PERMISSIONS: Final = (
     "the lease store needs dynamodb:DescribeTable, CreateTable, GetItem, PutItem, UpdateItem, "
     "DeleteItem and Scan on the table"
 )
-
-
-def _s(value: str) -> AttributeValue:
-    return AttributeValue(S=value)
-
-
-def _n(value: int) -> AttributeValue:
-    return AttributeValue(N=str(value))
-
-
-def _key(lease_key: str) -> Item:
-    return {KEY: _s(lease_key)}
-
-
-def lease_to_item(lease: Lease) -> Item:
-    """The item the KCL would write for ``lease``: optional attributes and empty sets left out."""
-    item: Item = {
-        KEY: _s(lease.lease_key),
-        COUNTER: _n(lease.lease_counter),
-        SWITCHES: _n(lease.owner_switches_since_checkpoint),
-        CHECKPOINT: _s(lease.checkpoint.sequence),
-        CHECKPOINT_SUB: _n(lease.checkpoint.sub_sequence),
-    }
-    optional = {
-        OWNER: lease.lease_owner,
-        START_HASH: lease.starting_hash_key,
-        END_HASH: lease.ending_hash_key,
-        CHECKPOINT_OWNER: lease.checkpoint_owner,
-        STREAM: lease.stream_name,
-        SHARD: lease.shard_id,
-    }
-    item |= {name: _s(value) for name, value in optional.items() if value is not None}
-    if lease.pending_checkpoint is not None:
-        item |= {
-            PENDING: _s(lease.pending_checkpoint.sequence),
-            PENDING_SUB: _n(lease.pending_checkpoint.sub_sequence),
-        }
-    for name, ids in ((PARENTS, lease.parent_shard_ids), (CHILDREN, lease.child_shard_ids)):
-        if ids:  # DynamoDB has no empty sets: an empty set is an absent attribute
-            item[name] = AttributeValue(SS=sorted(ids))
-    return item
-
-
-def lease_from_item(item: Item, table: str = "?") -> Lease | None:
-    """The lease an item holds; None for items of the table that are not leases.
-
-    Raises:
-        StoreSchemaError: the item lacks ``leaseKey``, ``leaseCounter`` or ``checkpoint``, or a
-            value has the wrong type; the message names the table and the item.
-    """
-    entity = item.get(ENTITY_TYPE)
-    if entity is not None and entity.S != "LEASE":
-        return None  # a worker-metrics, leader-lock or migration entity of a newer KCL
-    key = item[KEY].S if KEY in item else None
-    if key is None or COUNTER not in item or CHECKPOINT not in item:
-        raise StoreSchemaError(
-            f"DynamoDB table {table!r}: item {key!r} is not a KCL lease: "
-            f"it lacks one of {KEY} (S), {COUNTER} (N), {CHECKPOINT} (S)"
-        )
-    try:
-        pending = _text(item, PENDING)
-        return Lease(
-            lease_key=key,
-            lease_owner=_text(item, OWNER),
-            lease_counter=_number(item, COUNTER),
-            checkpoint=ExtendedSequenceNumber(_text(item, CHECKPOINT) or "", _number(item, CHECKPOINT_SUB)),
-            pending_checkpoint=ExtendedSequenceNumber(pending, _number(item, PENDING_SUB))
-            if pending
-            else None,
-            owner_switches_since_checkpoint=_number(item, SWITCHES),
-            parent_shard_ids=frozenset(_get(item, PARENTS, "SS") or ()),
-            child_shard_ids=frozenset(_get(item, CHILDREN, "SS") or ()),
-            starting_hash_key=_text(item, START_HASH),
-            ending_hash_key=_text(item, END_HASH),
-            checkpoint_owner=_text(item, CHECKPOINT_OWNER),
-            stream_name=_text(item, STREAM),
-            shard_id=_text(item, SHARD),
-        )
-    except (ValueError, InvalidOperation, ConfigError) as exc:
-        raise StoreSchemaError(f"DynamoDB table {table!r}: item {key!r} is not a KCL lease: {exc}") from None
-
-
-def _get(item: Item, name: str, kind: str) -> Any:
-    """The ``kind`` field (``S``, ``N``, ``SS``) of attribute ``name``; None when absent or NULL."""
-    value = item.get(name)
-    if value is None or value.NULL:
-        return None
-    found = getattr(value, kind)
-    if found is None:
-        raise ValueError(f"{name} is not of type {kind}")
-    return found
-
-
-def _text(item: Item, name: str) -> str | None:
-    text: str | None = _get(item, name, "S")
-    return text
-
-
-def _number(item: Item, name: str) -> int:
-    return int(Decimal(_get(item, name, "N") or 0))
-
-
-def _same(a: AttributeValue | None, b: AttributeValue | None) -> bool:
-    """Equal as DynamoDB compares values: sets unordered, numbers by value."""
-    if a is None or b is None:
-        return a is b
-    if a.N is not None and b.N is not None:
-        return Decimal(a.N) == Decimal(b.N)
-    if a.SS is not None and b.SS is not None:
-        return set(a.SS) == set(b.SS)
-    return a == b
-
-
-def _shows(item: Item, update: Expression) -> bool:
-    """Whether ``item`` is what ``update`` leaves: every value it sets, none it removes, and the
-    values its condition demanded of the attributes it does not change."""
-    kept = {k: v for k, v in update.expected.items() if k not in update.assigned and k not in update.removed}
-    return all(_same(item.get(k), v) for k, v in (kept | update.assigned).items()) and not any(
-        name in item for name in update.removed
-    )
-
-
-def _set_checkpoint(
-    update: Expression, position: ExtendedSequenceNumber, pending: ExtendedSequenceNumber | None
-) -> None:
-    update.set(CHECKPOINT, _s(position.sequence)).set(CHECKPOINT_SUB, _n(position.sub_sequence)).set(
-        SWITCHES, _n(0)
-    )
-    if pending is None:
-        update.remove(PENDING).remove(PENDING_SUB)
-    else:
-        update.set(PENDING, _s(pending.sequence)).set(PENDING_SUB, _n(pending.sub_sequence))
-    update.remove(PENDING_STATE)  # as the KCL: the state belonged to the pending checkpoint replaced here
-
-
-def _require_owner(update: Expression, owner: str | None) -> Expression:
-    return update.require_absent(OWNER) if owner is None else update.require_equal(OWNER, _s(owner))
 
 
 async def _nothing() -> None:
@@ -313,40 +191,8 @@ class DynamoDbLeaseStore:
         Raises:
             ConfigError: a malformed URL or an unknown option (its value is never echoed).
         """
-        parts = urlsplit(url)
-        shown = f"dynamodb://{parts.netloc.rpartition('@')[2]}"
-
-        def bad(reason: str) -> ConfigError:
-            return ConfigError(f"invalid lease store URL {shown!r}: {reason}; expected {cls._URL_FORM}")
-
-        if parts.scheme.lower() != "dynamodb":
-            raise bad("the scheme is not dynamodb://")
-        if "@" in parts.netloc:
-            raise bad("credentials do not belong in the URL: use the AWS chain (env, profile, role)")
-        if parts.path not in ("", "/") or parts.fragment:
-            raise bad("the table is the host part; no path or fragment")
-        options: dict[str, str] = {}
-        for name, value in parse_qsl(parts.query, keep_blank_values=True):
-            if name not in _URL_OPTIONS:
-                raise bad(f"unknown option {name!r} (supported: {', '.join(sorted(_URL_OPTIONS))})")
-            if name in options:
-                raise bad(f"option {name!r} is given twice")
-            options[name] = value
-        create = _BOOLEANS.get(options.get("create_table", "true").lower())
-        if create is None:
-            raise bad("create_table must be true or false")
-        return cls(
-            parts.netloc or None,
-            app,
-            region=options.get("region") or None,
-            endpoint_url=options.get("endpoint_url") or None,
-            profile=options.get("profile") or None,
-            create_table=create,
-            credentials=credentials,
-            transport_options=transport_options,
-        )
-
-    _URL_FORM: Final = "dynamodb://[TABLE][?region=...&endpoint_url=...&profile=...&create_table=false]"
+        table, options = parse_url(url)
+        return cls(table, app, credentials=credentials, transport_options=transport_options, **options)
 
     @property
     def table(self) -> str:
@@ -404,7 +250,7 @@ class DynamoDbLeaseStore:
             return (
                 old is not None
                 and old.keys() == item.keys()
-                and all(_same(old[k], v) for k, v in item.items())
+                and all(same_value(old[k], v) for k, v in item.items())
             )
         return True
 
@@ -416,16 +262,14 @@ class DynamoDbLeaseStore:
         """Become the owner; requires the stored counter to match ``lease``."""
         seen = lease.lease_owner
         for _ in range(3):  # the owner condition can only fail again if the counter moved
-            update = Expression().set(OWNER, _s(owner)).remove(CHECKPOINT_OWNER)
+            update = Expression().set(OWNER, s_value(owner)).remove(CHECKPOINT_OWNER)
             if seen is not None and seen != owner:  # as the KCL: unowned or ours is no switch
                 update.increment(SWITCHES)
             try:
                 return await self._fenced("take", lease.replace(lease_owner=seen), update, check_owner=True)
             except _OwnerMoved as moved:
                 seen = moved.owner
-        key, counter = lease.lease_key, lease.lease_counter
-        message = f"cannot take lease {key!r} at counter {counter}: its owner keeps changing"
-        raise StaleLease(message, lease_key=key, expected_counter=counter)
+        raise stale_lease("take", lease, "its owner keeps changing")
 
     async def evict_lease(self, lease: Lease) -> Lease:
         """Release the lease; requires the stored counter and owner to match ``lease``."""
@@ -441,7 +285,7 @@ class DynamoDbLeaseStore:
     ) -> Lease:
         """Write the checkpoint; requires the stored counter and owner to match ``lease``."""
         update = Expression()
-        _set_checkpoint(update, checkpoint, pending_checkpoint)
+        set_checkpoint(update, checkpoint, pending_checkpoint)
         return await self._fenced("checkpoint", lease, update, check_owner=True)
 
     async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
@@ -449,7 +293,7 @@ class DynamoDbLeaseStore:
         if lease.lease_owner is None:
             old = await self._get_item(lease.lease_key)
             raise self._stale(_OP_HANDOFF, lease, old, check_owner=True)
-        update = Expression().set(OWNER, _s(new_owner)).set(CHECKPOINT_OWNER, _s(lease.lease_owner))
+        update = Expression().set(OWNER, s_value(new_owner)).set(CHECKPOINT_OWNER, s_value(lease.lease_owner))
         update.increment(SWITCHES).require_absent(CHECKPOINT_OWNER)
         return await self._fenced(_OP_HANDOFF, lease, update, check_owner=True)
 
@@ -457,7 +301,7 @@ class DynamoDbLeaseStore:
         """The old owner's final write; see :meth:`LeaseStore.complete_handoff`."""
         update = Expression().remove(CHECKPOINT_OWNER).require_present(CHECKPOINT_OWNER)
         if checkpoint is not None:
-            _set_checkpoint(update, checkpoint, None)
+            set_checkpoint(update, checkpoint, None)
         return await self._fenced(_OP_COMPLETE, lease, update, check_owner=False)
 
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
@@ -471,11 +315,11 @@ class DynamoDbLeaseStore:
 
     async def delete_lease(self, lease: Lease) -> None:
         """Delete the lease; requires the stored counter to match ``lease``."""
-        condition = Expression().require_equal(COUNTER, _n(lease.lease_counter))
+        condition = Expression().require_equal(COUNTER, n_value(lease.lease_counter))
         try:
             await self._call(
                 f"delete lease {lease.lease_key!r}",
-                lambda: self._client.delete_item(self._table, _key(lease.lease_key), condition=condition),
+                lambda: self._client.delete_item(self._table, key_of(lease.lease_key), condition=condition),
             )
         except ConditionFailed as exc:
             old = await self._old_item(exc, lease.lease_key)
@@ -494,18 +338,18 @@ class DynamoDbLeaseStore:
 
     async def _fenced(self, op: str, lease: Lease, update: Expression, *, check_owner: bool) -> Lease:
         key, counter = lease.lease_key, lease.lease_counter
-        update.set(COUNTER, _n(counter + 1)).require_equal(COUNTER, _n(counter))
+        update.set(COUNTER, n_value(counter + 1)).require_equal(COUNTER, n_value(counter))
         if check_owner:
-            _require_owner(update, lease.lease_owner)
+            require_owner(update, lease.lease_owner)
         try:
             item = await self._call(
-                f"{op} lease {key!r}", lambda: self._client.update_item(self._table, _key(key), update)
+                f"{op} lease {key!r}", lambda: self._client.update_item(self._table, key_of(key), update)
             )
         except ConditionFailed as exc:
             old = await self._old_item(exc, key)
-            if exc.ambiguous and old is not None and _shows(old, update):
+            if exc.ambiguous and old is not None and shows(old, update):
                 item = old  # our earlier attempt was applied; only its answer was lost
-            elif op == "take" and old is not None and _same(old.get(COUNTER), _n(counter)):
+            elif op == "take" and old is not None and same_value(old.get(COUNTER), n_value(counter)):
                 raise _OwnerMoved(old[OWNER].S if OWNER in old else None) from None
             else:
                 raise self._stale(op, lease, old, check_owner=check_owner) from None
@@ -520,18 +364,18 @@ class DynamoDbLeaseStore:
 
     async def _get_item(self, lease_key: str) -> Item | None:
         return await self._call(
-            f"read lease {lease_key!r}", lambda: self._client.get_item(self._table, _key(lease_key))
+            f"read lease {lease_key!r}", lambda: self._client.get_item(self._table, key_of(lease_key))
         )
 
     def _stale(self, op: str, lease: Lease, old: Item | None, *, check_owner: bool) -> StaleLease:
-        key, counter = lease.lease_key, lease.lease_counter
+        counter = lease.lease_counter
         stored = old.get(COUNTER) if old is not None else None
         owner = old[OWNER].S if old is not None and OWNER in old else None
         if old is None:
             reason = "the lease does not exist (it was deleted)"
         elif stored is None or stored.N is None:
             reason = f"the item has no {COUNTER}: it is not a lease"
-        elif stored != _n(counter):
+        elif stored != n_value(counter):
             reason = f"its counter moved on to {stored.N}"
         elif check_owner and owner != lease.lease_owner:
             reason = f"it is owned by {owner!r}, not {lease.lease_owner!r}"
@@ -541,11 +385,7 @@ class DynamoDbLeaseStore:
             reason = "no handoff is under way"
         else:
             reason = "it changed and changed back"
-        return StaleLease(
-            f"cannot {op} lease {key!r} at counter {counter}: {reason}",
-            lease_key=key,
-            expected_counter=counter,
-        )
+        return stale_lease(op, lease, reason)
 
     async def _call(self, what: str, call: Callable[[], Awaitable[_T]]) -> _T:
         """Run one client call (after making sure of the table) and map errors to store errors.
@@ -584,7 +424,7 @@ class DynamoDbLeaseStore:
                         "kinesis-butler to (create_table=True, or ?create_table=true in the URL)"
                     ) from None
                 table = await self._create()
-            _verify(table, where)
+            verify_key_schema(table, where)
             if table.table_status == "DELETING":
                 raise StoreError(f"{where} is being deleted")
             if table.table_status == "CREATING":  # another worker is creating it
@@ -595,16 +435,3 @@ class DynamoDbLeaseStore:
         with contextlib.suppress(ResourceInUse):  # another worker created it a moment ago
             await self._client.create_table(self._table, hash_key=KEY)
         return await self._client.wait_for_active(self._table, timeout=self._table_timeout)
-
-
-def _verify(table: TableDescription, where: str) -> None:
-    types = {d.attribute_name: d.attribute_type for d in table.attribute_definitions}
-    if table.key_schema == (KeySchemaElement(KEY, "HASH"),) and types.get(KEY) == "S":
-        return
-    found = ", ".join(
-        f"{k.attribute_name} ({k.key_type}, {types.get(k.attribute_name, '?')})" for k in table.key_schema
-    )
-    raise StoreSchemaError(
-        f"{where} is not a KCL lease table: its key schema is {found or 'empty'}, a lease table's is "
-        f"{KEY} (HASH, S); name another table (dynamodb://TABLE)"
-    )

@@ -26,7 +26,6 @@ import select
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias, TypeVar
-from urllib.parse import parse_qsl, quote, urlencode
 
 from kinesis_butler.errors import (
     ClosedError,
@@ -37,11 +36,34 @@ from kinesis_butler.errors import (
     StoreUnavailable,
 )
 from kinesis_butler.models import ExtendedSequenceNumber, Lease
+from kinesis_butler.stores._common import ALL_COLUMNS, META_COLUMNS, UNEXPLAINED, stale_lease, stale_reason
+from kinesis_butler.stores._postgres_dsn import flat, parse_dsn, scrub, url_to_dsn
+from kinesis_butler.stores._postgres_sql import (
+    CHECKPOINT,
+    COLUMNS_OF,
+    COMPLETE_HANDOFF,
+    COMPLETE_HANDOFF_WITH_CHECKPOINT,
+    CREATE_LEASES,
+    CREATE_META,
+    DELETE,
+    EVICT,
+    EXPLAIN,
+    GET,
+    HANDOFF,
+    INSERT,
+    INSERT_VERSION,
+    LINEAGE,
+    LIST,
+    RENEW,
+    SELECT_VERSION,
+    TAKE,
+    to_lease,
+    to_row,
+)
 
 try:  # the optional 'postgres' extra: importing this module must work without it
     import psycopg
     from psycopg import sql
-    from psycopg.conninfo import conninfo_to_dict
 except ImportError as _missing:  # pragma: no cover - only without the extra
     _IMPORT_ERROR: ImportError | None = _missing
 else:
@@ -57,82 +79,7 @@ SCHEMA_VERSION: Final = 1
 """The version this code writes into ``<table>_meta``; a table with a newer one is refused."""
 DEFAULT_TABLE: Final = "kinesis_butler_leases"
 
-# Hash keys are decimal TEXT: 128-bit values overflow BIGINT, and NUMERIC would not keep the
-# string as written. Sub-sequence numbers are BIGINT: KPL ones pass 2**31. Id sets: sorted arrays.
-_LEASE_DDL: Final = (
-    'lease_key TEXT COLLATE "C" NOT NULL, lease_owner TEXT, lease_counter BIGINT NOT NULL, '
-    "checkpoint TEXT NOT NULL, checkpoint_sub BIGINT NOT NULL, pending_checkpoint TEXT, "
-    "pending_checkpoint_sub BIGINT, owner_switches BIGINT NOT NULL, parent_shard_ids TEXT[] NOT NULL, "
-    "child_shard_ids TEXT[] NOT NULL, starting_hash_key TEXT, ending_hash_key TEXT, "
-    "checkpoint_owner TEXT, stream_name TEXT, shard_id TEXT"
-)
-_LEASE_COLUMNS: Final = tuple(column.split()[0] for column in _LEASE_DDL.split(", "))
-_ALL_COLUMNS: Final = frozenset({"app", *_LEASE_COLUMNS})
-_SELECT: Final = ", ".join(_LEASE_COLUMNS)
-# Each renew writes a new row version; free space on every page (fillfactor) lets PostgreSQL put
-# it on the same page without touching the index (a HOT update): less bloat and less I/O.
-_CREATE_LEASES: Final = (
-    f'CREATE TABLE {{table}} (app TEXT COLLATE "C" NOT NULL, {_LEASE_DDL}, '
-    "PRIMARY KEY (app, lease_key)) WITH (fillfactor = 50)"
-)
-_CREATE_META: Final = "CREATE TABLE {meta} (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-_VALUES: Final = ", ".join(["%s"] * len(_ALL_COLUMNS))
-_INSERT: Final = (
-    f"INSERT INTO {{table}} (app, {_SELECT}) VALUES ({_VALUES}) ON CONFLICT DO NOTHING RETURNING 1"  # noqa: S608
-)
-_KEY: Final = "WHERE app = %(app)s AND lease_key = %(key)s"
-# COLLATE "C" again, so the order holds even on a table created by hand with another collation.
-_LIST: Final = f'SELECT {_SELECT} FROM {{table}} WHERE app = %(app)s ORDER BY lease_key COLLATE "C"'  # noqa: S608
-_GET: Final = f"SELECT {_SELECT} FROM {{table}} {_KEY}"  # noqa: S608
-_EXPLAIN: Final = f"SELECT lease_counter, lease_owner FROM {{table}} {_KEY}"  # noqa: S608
-_DELETE: Final = f"DELETE FROM {{table}} {_KEY} AND lease_counter = %(counter)s RETURNING 1"  # noqa: S608
-_COLUMNS_OF: Final = (
-    "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped"
-)
-
-
-def _fenced_update(assignments: str, *, check_owner: bool, extra: str = "") -> str:
-    owner = " AND lease_owner IS NOT DISTINCT FROM %(owner)s" if check_owner else ""
-    return (
-        f"UPDATE {{table}} SET lease_counter = lease_counter + 1{assignments} "  # noqa: S608 - constants only
-        f"{_KEY} AND lease_counter = %(counter)s{owner}{extra} RETURNING {_SELECT}"
-    )
-
-
-_RENEW: Final = _fenced_update("", check_owner=True)
-# Right-hand sides see the row as it was, so owner_switches compares against the old owner.
-# As in the KCL, taking an unowned lease (or one already ours) is not an owner switch.
-_TAKE: Final = _fenced_update(
-    ", owner_switches = owner_switches + CASE WHEN lease_owner <> %(new_owner)s THEN 1 ELSE 0 END,"
-    " lease_owner = %(new_owner)s, checkpoint_owner = NULL",
-    check_owner=False,
-)
-_EVICT: Final = _fenced_update(", lease_owner = NULL, checkpoint_owner = NULL", check_owner=True)
-_SET_POSITION: Final = ", checkpoint = %(checkpoint)s, checkpoint_sub = %(sub)s, owner_switches = 0"
-_CHECKPOINT: Final = _fenced_update(
-    f"{_SET_POSITION}, pending_checkpoint = %(pending)s, pending_checkpoint_sub = %(pending_sub)s",
-    check_owner=True,
-)
-_HANDOFF: Final = _fenced_update(  # the current owner becomes checkpoint_owner, only if none is set
-    ", checkpoint_owner = lease_owner, lease_owner = %(new_owner)s, owner_switches = owner_switches + 1",
-    check_owner=True,
-    extra=" AND lease_owner IS NOT NULL AND checkpoint_owner IS NULL",
-)
-_IN_HANDOFF: Final = " AND checkpoint_owner IS NOT NULL"
-_COMPLETE_HANDOFF: Final = _fenced_update(", checkpoint_owner = NULL", check_owner=False, extra=_IN_HANDOFF)
-_COMPLETE_HANDOFF_WITH_CHECKPOINT: Final = _fenced_update(
-    f", checkpoint_owner = NULL{_SET_POSITION}, pending_checkpoint = NULL, pending_checkpoint_sub = NULL",
-    check_owner=False,
-    extra=_IN_HANDOFF,
-)
-_LINEAGE: Final = _fenced_update(", child_shard_ids = %(children)s", check_owner=False)
-
-_SCHEMES: Final = ("postgresql", "postgres", "postgresql+psycopg")
-_URL_OPTIONS: Final[dict[str, Callable[[str], object]]] = {
-    "table": str, "connect_timeout": float, "statement_timeout": float, "max_connections": int
-}  # fmt: skip
 _TABLE_NAME: Final = re.compile(r"(?:([a-z_][a-z0-9_]{0,62})\.)?([a-z_][a-z0-9_]{0,57})")
-_PASSWORD_OPTION: Final = re.compile(r"(?i)password\s*=\s*('(?:[^'\\]|\\.)*'|[^\s&]*)")
 # The client-side deadline is the server's statement_timeout plus this slack: it catches a server
 # or network that stopped answering, which statement_timeout (enforced by the server) cannot.
 _NETWORK_SLACK: Final = 2.0
@@ -188,30 +135,8 @@ class PostgresLeaseStore:
                 "PostgreSQL lease store: the app name must not be empty, connect_timeout and "
                 "statement_timeout must be > 0 and max_connections >= 1"
             )
-        self._secrets = _secrets(dsn)
-        try:
-            params, problem = conninfo_to_dict(dsn), ""
-        except psycopg.Error as exc:
-            params, problem = {}, _flat(exc)
-        if problem:  # raised outside the except clause: the libpq error must not ride along as context
-            # libpq quotes the token it choked on; one with an '@' may hold part of a password.
-            detail = re.sub(r'"[^"]*@[^"]*"', '"***"', self._scrub(problem))
-            raise ConfigError(f"invalid PostgreSQL DSN {self._scrub(dsn)!r}: {detail}")
-        self._secrets |= {str(params["password"])} if params.get("password") else set()
-        host, port = (
-            params.get("host") or params.get("hostaddr") or "localhost",
-            str(params.get("port") or 5432),
-        )
-        database = params.get("dbname") or params.get("user") or "postgres"
-        # libpq reads a URL password holding an unencoded '/' or '@' as host, port or database: its
-        # pieces would show in every message. Refuse, without echoing them.
-        if "@" in f"{host}{database}" or not all(part.isdigit() for part in port.split(",")):
-            raise ConfigError(
-                f"invalid PostgreSQL DSN {self._scrub(dsn)!r}: its host, port or database is malformed "
-                "(a port is a number; percent-encode '@', '/', '?' and '#' in the user name and password)"
-            )
+        self._server, self._user, self._secrets = parse_dsn(dsn)
         self._dsn, self._app, self._table_name, self._max_connections = dsn, app, table, max_connections
-        self._server, self._user = f"{host}:{port}/{database}", str(params.get("user") or "")
         schema, name = match.groups()
         self._table = sql.Identifier(*filter(None, (schema, name)))
         self._meta = sql.Identifier(*filter(None, (schema, f"{name}_meta")))
@@ -236,22 +161,8 @@ class PostgresLeaseStore:
         Raises:
             ConfigError: a malformed URL or option; the message masks the password.
         """
-        scheme, sep, rest = url.partition("://")
-        base, _, query = rest.partition("?")
-        pairs = parse_qsl(query, keep_blank_values=True)
-        try:
-            if not sep or scheme.lower() not in _SCHEMES or "#" in rest:
-                raise ValueError("expected postgresql://user:password@host:port/database?table=name")  # noqa: TRY301
-            kwargs: dict[str, Any] = {
-                key: _URL_OPTIONS[key](value) for key, value in pairs if key in _URL_OPTIONS
-            }
-        except ValueError as exc:
-            raise ConfigError(
-                f"invalid PostgreSQL lease store URL {_scrub(url, _secrets(url))!r}: {exc}"
-            ) from None
-        # quote, not quote_plus: libpq decodes %20 but reads '+' literally.
-        libpq = urlencode([(k, v) for k, v in pairs if k not in _URL_OPTIONS], quote_via=quote)
-        return cls(f"postgresql://{base}" + (f"?{libpq}" if libpq else ""), app, **kwargs)
+        dsn, options = url_to_dsn(url)
+        return cls(dsn, app, **options)
 
     @property
     def app(self) -> str:
@@ -276,30 +187,28 @@ class PostgresLeaseStore:
 
     async def list_leases(self) -> list[Lease]:
         """Every lease of this application, in lease-key order."""
-        return [_to_lease(row) for row in await self._query("list leases", _LIST, self._key(""))]
+        return [to_lease(row) for row in await self._query("list leases", LIST, self._key(""))]
 
     async def get_lease(self, lease_key: str) -> Lease | None:
         """One lease, or None."""
-        rows = await self._query(f"read lease {lease_key!r}", _GET, self._key(lease_key))
-        return _to_lease(rows[0]) if rows else None
+        rows = await self._query(f"read lease {lease_key!r}", GET, self._key(lease_key))
+        return to_lease(rows[0]) if rows else None
 
     async def create_lease_if_absent(self, lease: Lease) -> bool:
         """Insert ``lease`` unless its key exists. True if it was created."""
-        return bool(
-            await self._query(f"create lease {lease.lease_key!r}", _INSERT, _to_row(self._app, lease))
-        )
+        return bool(await self._query(f"create lease {lease.lease_key!r}", INSERT, to_row(self._app, lease)))
 
     async def renew_lease(self, lease: Lease) -> Lease:
         """counter+1; requires the stored counter and owner to match ``lease``."""
-        return await self._fenced("renew", _RENEW, lease, owner=lease.lease_owner)
+        return await self._fenced("renew", RENEW, lease, owner=lease.lease_owner)
 
     async def take_lease(self, lease: Lease, owner: str) -> Lease:
         """Become the owner; requires the stored counter to match ``lease``."""
-        return await self._fenced("take", _TAKE, lease, new_owner=owner)
+        return await self._fenced("take", TAKE, lease, new_owner=owner)
 
     async def evict_lease(self, lease: Lease) -> Lease:
         """Release the lease; requires the stored counter and owner to match ``lease``."""
-        return await self._fenced("evict", _EVICT, lease, owner=lease.lease_owner)
+        return await self._fenced("evict", EVICT, lease, owner=lease.lease_owner)
 
     async def checkpoint(
         self,
@@ -311,32 +220,32 @@ class PostgresLeaseStore:
         """Write the checkpoint; requires the stored counter and owner to match ``lease``."""
         pending = pending_checkpoint
         return await self._fenced(
-            "checkpoint", _CHECKPOINT, lease, owner=lease.lease_owner, checkpoint=checkpoint.sequence,
+            "checkpoint", CHECKPOINT, lease, owner=lease.lease_owner, checkpoint=checkpoint.sequence,
             sub=checkpoint.sub_sequence, pending=pending and pending.sequence,
             pending_sub=pending and pending.sub_sequence,
         )  # fmt: skip
 
     async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
         """Planned move to ``new_owner``; see :meth:`LeaseStore.initiate_handoff`."""
-        return await self._fenced("hand off", _HANDOFF, lease, owner=lease.lease_owner, new_owner=new_owner)
+        return await self._fenced("hand off", HANDOFF, lease, owner=lease.lease_owner, new_owner=new_owner)
 
     async def complete_handoff(self, lease: Lease, checkpoint: ExtendedSequenceNumber | None) -> Lease:
         """The old owner's final write; see :meth:`LeaseStore.complete_handoff`."""
         if checkpoint is None:
-            return await self._fenced("complete the handoff of", _COMPLETE_HANDOFF, lease)
+            return await self._fenced("complete the handoff of", COMPLETE_HANDOFF, lease)
         return await self._fenced(
-            "complete the handoff of", _COMPLETE_HANDOFF_WITH_CHECKPOINT, lease,
+            "complete the handoff of", COMPLETE_HANDOFF_WITH_CHECKPOINT, lease,
             checkpoint=checkpoint.sequence, sub=checkpoint.sub_sequence,
         )  # fmt: skip
 
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
         """Record the children of a shard; requires the stored counter to match ``lease``."""
-        return await self._fenced("update lineage of", _LINEAGE, lease, children=sorted(child_shard_ids))
+        return await self._fenced("update lineage of", LINEAGE, lease, children=sorted(child_shard_ids))
 
     async def delete_lease(self, lease: Lease) -> None:
         """Delete the lease; requires the stored counter to match ``lease``."""
         params = {**self._key(lease.lease_key), "counter": lease.lease_counter}
-        if not await self._query(f"delete lease {lease.lease_key!r}", _DELETE, params):
+        if not await self._query(f"delete lease {lease.lease_key!r}", DELETE, params):
             raise await self._stale("delete", lease, check_owner=False)
 
     async def aclose(self) -> None:
@@ -372,60 +281,41 @@ class PostgresLeaseStore:
         rows = await self._query(f"{op} lease {lease.lease_key!r}", template, params)
         if not rows:
             raise await self._stale(op, lease, check_owner="owner" in values)
-        return _to_lease(rows[0])
+        return to_lease(rows[0])
 
     async def _stale(self, op: str, lease: Lease, *, check_owner: bool) -> StaleLease:
-        key, counter = lease.lease_key, lease.lease_counter
         try:
             # Only to explain the failure: the failed write above already decided the outcome.
-            rows = await self._query(f"read lease {key!r}", _EXPLAIN, self._key(key))
+            rows = await self._query(f"read lease {lease.lease_key!r}", EXPLAIN, self._key(lease.lease_key))
         except StoreError:
-            reason = "its counter or owner changed"
+            reason = UNEXPLAINED
         else:
-            if not rows:
-                reason = "the lease does not exist (it was deleted)"
-            elif rows[0][0] != counter:
-                reason = f"its counter moved on to {rows[0][0]}"
-            elif check_owner and rows[0][1] != lease.lease_owner:
-                reason = f"it is owned by {rows[0][1]!r}, not {lease.lease_owner!r}"
-            elif op.endswith("hand off"):
-                reason = "it has no owner or a handoff is already under way"
-            elif "handoff" in op:
-                reason = "no handoff is under way"
-            else:
-                reason = "it changed and changed back"
-        message = f"cannot {op} lease {key!r} at counter {counter}: {reason}"
-        return StaleLease(message, lease_key=key, expected_counter=counter)
+            reason = stale_reason(op, lease, rows[0] if rows else None, check_owner=check_owner)
+        return stale_lease(op, lease, reason)
 
     async def _create_or_verify(self, conn: _Conn) -> None:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_id,))
             leases, meta = [
-                frozenset(row[0] for row in await (await conn.execute(_COLUMNS_OF, (name,))).fetchall())
+                frozenset(row[0] for row in await (await conn.execute(COLUMNS_OF, (name,))).fetchall())
                 for name in (self._table.as_string(conn), self._meta.as_string(conn))
             ]
             where = f"{self._label()}: table {self._table_name!r}"
-            if (
-                (leases and leases != _ALL_COLUMNS)
-                or (meta and meta != {"key", "value"})
-                or (leases and not meta)
-            ):
+            if (leases and leases != ALL_COLUMNS) or (meta and meta != META_COLUMNS) or (leases and not meta):
                 raise StoreSchemaError(
                     f"{where} is not a kinesis-butler lease table (found columns "
                     f"{', '.join(sorted(leases)) or 'none'}; its {self._table_name}_meta table has "
                     f"{', '.join(sorted(meta)) or 'none'}; expected "
-                    f"{', '.join(sorted(_ALL_COLUMNS))}); name another table with ?table=..."
+                    f"{', '.join(sorted(ALL_COLUMNS))}); name another table with ?table=..."
                 )
             # Created only when missing: CREATE TABLE IF NOT EXISTS needs the CREATE privilege on
             # the schema even when the table exists.
-            for template, missing in ((_CREATE_META, not meta), (_CREATE_LEASES, not leases)):
+            for template, missing in ((CREATE_META, not meta), (CREATE_LEASES, not leases)):
                 if missing:
                     await conn.execute(self._sql(template))
-            version_sql = self._sql("SELECT value FROM {meta} WHERE key = 'schema_version'")
-            row = await (await conn.execute(version_sql)).fetchone()
+            row = await (await conn.execute(self._sql(SELECT_VERSION))).fetchone()
             if row is None:
-                insert = self._sql("INSERT INTO {meta} (key, value) VALUES ('schema_version', %s)")
-                await conn.execute(insert, (str(SCHEMA_VERSION),))
+                await conn.execute(self._sql(INSERT_VERSION), (str(SCHEMA_VERSION),))
             elif row[0] != str(SCHEMA_VERSION):
                 raise StoreSchemaError(
                     f"{where}: lease schema version {row[0]!r}, this kinesis-butler reads version "
@@ -505,7 +395,7 @@ class PostgresLeaseStore:
         return f"PostgreSQL lease store {self._server}"
 
     def _error(self, exc: psycopg.Error, what: str) -> StoreError:
-        message = f"{self._label()}: could not {what}: {self._scrub(_flat(exc))}"
+        message = f"{self._label()}: could not {what}: {self._scrub(flat(exc))}"
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             return StoreError(
                 f"{message}; the role needs SELECT, INSERT, UPDATE and DELETE on {self._table_name} "
@@ -519,7 +409,7 @@ class PostgresLeaseStore:
         return StoreError(message)
 
     def _scrub(self, text: str) -> str:
-        return _scrub(text, self._secrets)
+        return scrub(text, self._secrets)
 
 
 @asynccontextmanager
@@ -540,53 +430,3 @@ def _has_input(fd: int) -> bool:
         poller.register(fd, select.POLLIN)
         return bool(poller.poll(0))
     return bool(select.select([fd], [], [], 0)[0])  # pragma: no cover - Windows
-
-
-def _flat(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _secrets(dsn: str) -> set[str]:
-    """Every spelling of the password in ``dsn``: URL user info (up to the last '@'), password=."""
-    found = {m.group(1).strip("'") for m in _PASSWORD_OPTION.finditer(dsn)}
-    _, sep, rest = dsn.partition("://")
-    if sep and "@" in rest:
-        found.add(rest[: rest.rfind("@")].partition(":")[2])
-    return {secret for secret in found if secret}
-
-
-def _scrub(text: str, secrets: set[str]) -> str:
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _to_row(app: str, lease: Lease) -> tuple[object, ...]:
-    """The INSERT parameters: ``app``, then the lease in ``_LEASE_COLUMNS`` order."""
-    cp, pending = lease.checkpoint, lease.pending_checkpoint
-    return (
-        app, lease.lease_key, lease.lease_owner, lease.lease_counter, cp.sequence, cp.sub_sequence,
-        pending and pending.sequence, pending and pending.sub_sequence, lease.owner_switches_since_checkpoint,
-        sorted(lease.parent_shard_ids), sorted(lease.child_shard_ids), lease.starting_hash_key,
-        lease.ending_hash_key, lease.checkpoint_owner, lease.stream_name, lease.shard_id,
-    )  # fmt: skip
-
-
-def _to_lease(row: Sequence[Any]) -> Lease:
-    (key, owner, counter, cp, cp_sub, pending, pending_sub, switches, parents, children, start, end, cp_owner,
-     stream, shard) = row  # fmt: skip
-    return Lease(
-        lease_key=key,
-        lease_owner=owner,
-        lease_counter=counter,
-        checkpoint=ExtendedSequenceNumber(cp, cp_sub),
-        pending_checkpoint=None if pending is None else ExtendedSequenceNumber(pending, pending_sub or 0),
-        owner_switches_since_checkpoint=switches,
-        parent_shard_ids=frozenset(parents),
-        child_shard_ids=frozenset(children),
-        starting_hash_key=start,
-        ending_hash_key=end,
-        checkpoint_owner=cp_owner,
-        stream_name=stream,
-        shard_id=shard,
-    )

@@ -23,13 +23,12 @@ any other failure.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, NoReturn, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 from kinesis_butler.errors import (
     ClosedError,
@@ -40,6 +39,31 @@ from kinesis_butler.errors import (
     StoreUnavailable,
 )
 from kinesis_butler.models import ExtendedSequenceNumber, Lease
+from kinesis_butler.stores._common import ALL_COLUMNS, META_COLUMNS, UNEXPLAINED, stale_lease, stale_reason
+from kinesis_butler.stores._sqlite_sql import (
+    CHECKPOINT,
+    COMPLETE_HANDOFF,
+    COMPLETE_HANDOFF_WITH_CHECKPOINT,
+    CREATE_LEASES,
+    CREATE_META,
+    DELETE,
+    EVICT,
+    EXPLAIN,
+    GET,
+    HANDOFF,
+    INSERT,
+    INSERT_VERSION,
+    LINEAGE,
+    LIST,
+    RENEW,
+    SELECT_VERSION,
+    TAKE,
+    columns,
+    position,
+    to_json,
+    to_lease,
+    to_params,
+)
 
 __all__ = ["SCHEMA_VERSION", "SqliteLeaseStore"]
 
@@ -48,83 +72,6 @@ _T = TypeVar("_T")
 
 SCHEMA_VERSION: Final = 1
 """The version this code writes into ``schema_meta``; a file with a newer one is refused."""
-
-# Column -> declaration. Hash keys are decimal TEXT: 128-bit values overflow INTEGER.
-# Shard-id sets are sorted JSON arrays. Positions are (sequence TEXT, sub-sequence INTEGER).
-_LEASE_COLUMN_TYPES: Final = {
-    "lease_key": "TEXT NOT NULL",
-    "lease_owner": "TEXT",
-    "lease_counter": "INTEGER NOT NULL",
-    "checkpoint": "TEXT NOT NULL",
-    "checkpoint_sub": "INTEGER NOT NULL",
-    "pending_checkpoint": "TEXT",
-    "pending_checkpoint_sub": "INTEGER",
-    "owner_switches": "INTEGER NOT NULL",
-    "parent_shard_ids": "TEXT NOT NULL",
-    "child_shard_ids": "TEXT NOT NULL",
-    "starting_hash_key": "TEXT",
-    "ending_hash_key": "TEXT",
-    "checkpoint_owner": "TEXT",
-    "stream_name": "TEXT",
-    "shard_id": "TEXT",
-}
-_LEASE_COLUMNS: Final = tuple(_LEASE_COLUMN_TYPES)
-_ALL_COLUMNS: Final = frozenset({"app", *_LEASE_COLUMNS})
-_META_COLUMNS: Final = frozenset({"key", "value"})
-_SELECT: Final = ", ".join(_LEASE_COLUMNS)
-# WITHOUT ROWID clusters rows by (app, lease_key): listing an app is one range scan that is
-# already in lease-key order. The default BINARY collation orders UTF-8 bytes, which is the
-# code-point order Python's sorted() uses.
-_CREATE_LEASES: Final = (
-    "CREATE TABLE leases (app TEXT NOT NULL, "
-    + ", ".join(f"{name} {decl}" for name, decl in _LEASE_COLUMN_TYPES.items())
-    + ", PRIMARY KEY (app, lease_key)) WITHOUT ROWID"
-)
-_CREATE_META: Final = "CREATE TABLE schema_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
-_INSERT: Final = (
-    f"INSERT INTO leases (app, {_SELECT}) VALUES (:app, {', '.join(':' + c for c in _LEASE_COLUMNS)}) "  # noqa: S608
-    "ON CONFLICT (app, lease_key) DO NOTHING"
-)
-
-
-def _fenced_update(assignments: str, *, check_owner: bool) -> str:
-    owner = " AND lease_owner IS :owner" if check_owner else ""
-    return (
-        f"UPDATE leases SET lease_counter = lease_counter + 1{assignments} "  # noqa: S608 - constants only
-        f"WHERE app = :app AND lease_key = :key AND lease_counter = :counter{owner} "
-        f"RETURNING {_SELECT}"
-    )
-
-
-_RENEW: Final = _fenced_update("", check_owner=True)
-# Right-hand sides see the row as it was, so owner_switches compares against the old owner.
-# As in the KCL, taking an unowned lease (or one already ours) is not an owner switch.
-_TAKE: Final = _fenced_update(
-    ", owner_switches = owner_switches + (lease_owner IS NOT NULL AND lease_owner IS NOT :new_owner),"
-    " lease_owner = :new_owner, checkpoint_owner = NULL",
-    check_owner=False,
-)
-_EVICT: Final = _fenced_update(", lease_owner = NULL, checkpoint_owner = NULL", check_owner=True)
-_CHECKPOINT: Final = _fenced_update(
-    ", checkpoint = :checkpoint, checkpoint_sub = :checkpoint_sub, owner_switches = 0,"
-    " pending_checkpoint = :pending_checkpoint, pending_checkpoint_sub = :pending_checkpoint_sub",
-    check_owner=True,
-)
-# Handoff start: the current owner becomes checkpoint_owner; only when none is set.
-_HANDOFF: Final = _fenced_update(
-    ", checkpoint_owner = lease_owner, lease_owner = :new_owner, owner_switches = owner_switches + 1",
-    check_owner=True,
-).replace(" RETURNING", " AND lease_owner IS NOT NULL AND checkpoint_owner IS NULL RETURNING")
-_COMPLETE_HANDOFF: Final = _fenced_update(", checkpoint_owner = NULL", check_owner=False).replace(
-    " RETURNING", " AND checkpoint_owner IS NOT NULL RETURNING"
-)
-_COMPLETE_HANDOFF_WITH_CHECKPOINT: Final = _fenced_update(
-    ", checkpoint_owner = NULL, checkpoint = :checkpoint, checkpoint_sub = :checkpoint_sub,"
-    " owner_switches = 0, pending_checkpoint = NULL, pending_checkpoint_sub = NULL",
-    check_owner=False,
-).replace(" RETURNING", " AND checkpoint_owner IS NOT NULL RETURNING")
-_LINEAGE: Final = _fenced_update(", child_shard_ids = :child_shard_ids", check_owner=False)
-_DELETE: Final = "DELETE FROM leases WHERE app = :app AND lease_key = :key AND lease_counter = :counter"
 
 
 class SqliteLeaseStore:
@@ -189,8 +136,7 @@ class SqliteLeaseStore:
         """Every lease of this application, in lease-key order."""
 
         def op(conn: sqlite3.Connection) -> list[Lease]:
-            sql = f"SELECT {_SELECT} FROM leases WHERE app = ? ORDER BY lease_key"  # noqa: S608
-            return [_to_lease(row) for row in conn.execute(sql, (self._app,))]
+            return [to_lease(row) for row in conn.execute(LIST, (self._app,))]
 
         return await self._run(op, "list leases")
 
@@ -198,30 +144,29 @@ class SqliteLeaseStore:
         """One lease, or None."""
 
         def op(conn: sqlite3.Connection) -> Lease | None:
-            sql = f"SELECT {_SELECT} FROM leases WHERE app = ? AND lease_key = ?"  # noqa: S608
-            row = conn.execute(sql, (self._app, lease_key)).fetchone()
-            return None if row is None else _to_lease(row)
+            row = conn.execute(GET, (self._app, lease_key)).fetchone()
+            return None if row is None else to_lease(row)
 
         return await self._run(op, f"read lease {lease_key!r}")
 
     async def create_lease_if_absent(self, lease: Lease) -> bool:
         """Insert ``lease`` unless its key exists. True if it was created."""
-        params = _to_params(self._app, lease)
+        params = to_params(self._app, lease)
         return await self._run(
-            lambda conn: conn.execute(_INSERT, params).rowcount == 1, f"create lease {lease.lease_key!r}"
+            lambda conn: conn.execute(INSERT, params).rowcount == 1, f"create lease {lease.lease_key!r}"
         )
 
     async def renew_lease(self, lease: Lease) -> Lease:
         """counter+1; requires the stored counter and owner to match ``lease``."""
-        return await self._fenced("renew", _RENEW, lease, check_owner=True)
+        return await self._fenced("renew", RENEW, lease, check_owner=True)
 
     async def take_lease(self, lease: Lease, owner: str) -> Lease:
         """Become the owner; requires the stored counter to match ``lease``."""
-        return await self._fenced("take", _TAKE, lease, check_owner=False, new_owner=owner)
+        return await self._fenced("take", TAKE, lease, check_owner=False, new_owner=owner)
 
     async def evict_lease(self, lease: Lease) -> Lease:
         """Release the lease; requires the stored counter and owner to match ``lease``."""
-        return await self._fenced("evict", _EVICT, lease, check_owner=True)
+        return await self._fenced("evict", EVICT, lease, check_owner=True)
 
     async def checkpoint(
         self,
@@ -232,22 +177,22 @@ class SqliteLeaseStore:
     ) -> Lease:
         """Write the checkpoint; requires the stored counter and owner to match ``lease``."""
         positions = {
-            **_position("checkpoint", checkpoint),
-            **_position("pending_checkpoint", pending_checkpoint),
+            **position("checkpoint", checkpoint),
+            **position("pending_checkpoint", pending_checkpoint),
         }
-        return await self._fenced("checkpoint", _CHECKPOINT, lease, check_owner=True, **positions)
+        return await self._fenced("checkpoint", CHECKPOINT, lease, check_owner=True, **positions)
 
     async def initiate_handoff(self, lease: Lease, new_owner: str) -> Lease:
         """Planned move to ``new_owner``; see :meth:`LeaseStore.initiate_handoff`."""
-        return await self._fenced("hand off", _HANDOFF, lease, check_owner=True, new_owner=new_owner)
+        return await self._fenced("hand off", HANDOFF, lease, check_owner=True, new_owner=new_owner)
 
     async def complete_handoff(self, lease: Lease, checkpoint: ExtendedSequenceNumber | None) -> Lease:
         """The old owner's final write; see :meth:`LeaseStore.complete_handoff`."""
         if checkpoint is None:
-            return await self._fenced("complete the handoff of", _COMPLETE_HANDOFF, lease, check_owner=False)
+            return await self._fenced("complete the handoff of", COMPLETE_HANDOFF, lease, check_owner=False)
         return await self._fenced(
             "complete the handoff of",
-            _COMPLETE_HANDOFF_WITH_CHECKPOINT,
+            COMPLETE_HANDOFF_WITH_CHECKPOINT,
             lease,
             check_owner=False,
             checkpoint=checkpoint.sequence,
@@ -257,7 +202,7 @@ class SqliteLeaseStore:
     async def update_lineage(self, lease: Lease, *, child_shard_ids: frozenset[str]) -> Lease:
         """Record the children of a shard; requires the stored counter to match ``lease``."""
         return await self._fenced(
-            "update lineage of", _LINEAGE, lease, check_owner=False, child_shard_ids=_to_json(child_shard_ids)
+            "update lineage of", LINEAGE, lease, check_owner=False, child_shard_ids=to_json(child_shard_ids)
         )
 
     async def delete_lease(self, lease: Lease) -> None:
@@ -265,7 +210,7 @@ class SqliteLeaseStore:
         params = {"app": self._app, "key": lease.lease_key, "counter": lease.lease_counter}
 
         def op(conn: sqlite3.Connection) -> None:
-            if conn.execute(_DELETE, params).rowcount != 1:
+            if conn.execute(DELETE, params).rowcount != 1:
                 raise self._stale(conn, "delete", lease, check_owner=False)
 
         await self._run(op, f"delete lease {lease.lease_key!r}")
@@ -301,7 +246,7 @@ class SqliteLeaseStore:
             rows = conn.execute(sql, params).fetchall()
             if not rows:
                 raise self._stale(conn, op, lease, check_owner=check_owner)
-            return _to_lease(rows[0])
+            return to_lease(rows[0])
 
         return await self._run(run, f"{op} lease {lease.lease_key!r}")
 
@@ -369,28 +314,25 @@ class SqliteLeaseStore:
         self._schema_checked = True
 
     def _create_or_verify(self, conn: sqlite3.Connection) -> None:
-        leases, meta = _columns(conn, "leases"), _columns(conn, "schema_meta")
-        if leases and leases != _ALL_COLUMNS:
+        leases, meta = columns(conn, "leases"), columns(conn, "schema_meta")
+        if leases and leases != ALL_COLUMNS:
             raise StoreSchemaError(
                 f"{self._path}: its 'leases' table is not a kinesis-butler lease table "
                 f"(found columns {', '.join(sorted(leases))}; "
-                f"missing {', '.join(sorted(_ALL_COLUMNS - leases))}); use another file for the lease store"
+                f"missing {', '.join(sorted(ALL_COLUMNS - leases))}); use another file for the lease store"
             )
-        if (meta and meta != _META_COLUMNS) or (leases and not meta):
+        if (meta and meta != META_COLUMNS) or (leases and not meta):
             raise StoreSchemaError(
                 f"{self._path}: found a 'leases' table but no kinesis-butler 'schema_meta' table "
                 f"(schema_meta columns: {', '.join(sorted(meta)) or 'none'}); "
                 "use another file for the lease store"
             )
         if not meta:
-            conn.execute(_CREATE_META)
+            conn.execute(CREATE_META)
         if not leases:
-            conn.execute(_CREATE_LEASES)
-        conn.execute(
-            "INSERT INTO schema_meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
-            (str(SCHEMA_VERSION),),
-        )
-        (version,) = conn.execute("SELECT value FROM schema_meta WHERE key = 'schema_version'").fetchone()
+            conn.execute(CREATE_LEASES)
+        conn.execute(INSERT_VERSION, (str(SCHEMA_VERSION),))
+        (version,) = conn.execute(SELECT_VERSION).fetchone()
         if version != str(SCHEMA_VERSION):
             raise StoreSchemaError(
                 f"{self._path}: lease schema version {version!r}, this kinesis-butler reads version "
@@ -398,33 +340,14 @@ class SqliteLeaseStore:
             )
 
     def _stale(self, conn: sqlite3.Connection, op: str, lease: Lease, *, check_owner: bool) -> StaleLease:
-        key, counter = lease.lease_key, lease.lease_counter
         try:
             # Only to explain the failure: the failed write above already decided the outcome.
-            row = conn.execute(
-                "SELECT lease_counter, lease_owner FROM leases WHERE app = ? AND lease_key = ?",
-                (self._app, key),
-            ).fetchone()
+            row = conn.execute(EXPLAIN, (self._app, lease.lease_key)).fetchone()
         except sqlite3.Error:
-            reason = "its counter or owner changed"
+            reason = UNEXPLAINED
         else:
-            if row is None:
-                reason = "the lease does not exist (it was deleted)"
-            elif row[0] != counter:
-                reason = f"its counter moved on to {row[0]}"
-            elif check_owner and row[1] != lease.lease_owner:
-                reason = f"it is owned by {row[1]!r}, not {lease.lease_owner!r}"
-            elif op.endswith("hand off"):
-                reason = "it has no owner or a handoff is already under way"
-            elif "handoff" in op:
-                reason = "no handoff is under way"
-            else:
-                reason = "it changed and changed back"
-        return StaleLease(
-            f"cannot {op} lease {key!r} at counter {counter}: {reason}",
-            lease_key=key,
-            expected_counter=counter,
-        )
+            reason = stale_reason(op, lease, row, check_owner=check_owner)
+        return stale_lease(op, lease, reason)
 
     def _raise(self, exc: sqlite3.Error, what: str, *, opening: bool = False) -> NoReturn:
         """Re-raise a sqlite3 error as ours; a programming error surfaces unchanged."""
@@ -456,56 +379,3 @@ class SqliteLeaseStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def _columns(conn: sqlite3.Connection, table: str) -> frozenset[str]:
-    return frozenset(row[0] for row in conn.execute("SELECT name FROM pragma_table_info(?)", (table,)))
-
-
-def _to_json(ids: frozenset[str]) -> str:
-    return json.dumps(sorted(ids))
-
-
-def _position(column: str, position: ExtendedSequenceNumber | None) -> dict[str, object]:
-    if position is None:
-        return {column: None, f"{column}_sub": None}
-    return {column: position.sequence, f"{column}_sub": position.sub_sequence}
-
-
-def _to_params(app: str, lease: Lease) -> dict[str, object]:
-    return {
-        "app": app,
-        "lease_key": lease.lease_key,
-        "lease_owner": lease.lease_owner,
-        "lease_counter": lease.lease_counter,
-        **_position("checkpoint", lease.checkpoint),
-        **_position("pending_checkpoint", lease.pending_checkpoint),
-        "owner_switches": lease.owner_switches_since_checkpoint,
-        "parent_shard_ids": _to_json(lease.parent_shard_ids),
-        "child_shard_ids": _to_json(lease.child_shard_ids),
-        "starting_hash_key": lease.starting_hash_key,
-        "ending_hash_key": lease.ending_hash_key,
-        "checkpoint_owner": lease.checkpoint_owner,
-        "stream_name": lease.stream_name,
-        "shard_id": lease.shard_id,
-    }
-
-
-def _to_lease(row: Sequence[Any]) -> Lease:
-    (key, owner, counter, cp, cp_sub, pending, pending_sub, switches, parents, children, start, end, cp_owner,
-     stream, shard) = row  # fmt: skip
-    return Lease(
-        lease_key=key,
-        lease_owner=owner,
-        lease_counter=counter,
-        checkpoint=ExtendedSequenceNumber(cp, cp_sub),
-        pending_checkpoint=None if pending is None else ExtendedSequenceNumber(pending, pending_sub or 0),
-        owner_switches_since_checkpoint=switches,
-        parent_shard_ids=frozenset(json.loads(parents)),
-        child_shard_ids=frozenset(json.loads(children)),
-        starting_hash_key=start,
-        ending_hash_key=end,
-        checkpoint_owner=cp_owner,
-        stream_name=stream,
-        shard_id=shard,
-    )
