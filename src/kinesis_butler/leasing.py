@@ -160,6 +160,9 @@ class LeaseCoordinator:
         leases = await self.store.list_leases()
         expired = self._observe(leases)
         await self._check_held_against(leases)
+        for lease in leases:
+            if lease.checkpoint_owner == self.worker_id and lease.lease_key not in self.held:
+                await self._hand_back_unstarted(lease)
         if not self.taking:
             return []
         # Leases on their way to us stay in: they are ours (lease_owner) and count toward our
@@ -208,6 +211,8 @@ class LeaseCoordinator:
             now = self._clock()
             if current is None or current.lease_owner != self.worker_id or not self.taking:
                 del self.incoming[key]  # deleted, taken by someone else, or we are stopping
+                if current is not None:
+                    await self._hand_back_unstarted(current)
                 continue
             if current.checkpoint_owner is None:
                 del self.incoming[key]
@@ -224,6 +229,18 @@ class LeaseCoordinator:
                     continue
                 received.append(self._hold(stored, "took over stuck handoff of"))
         return received
+
+    async def _hand_back_unstarted(self, lease: Lease) -> None:
+        """A handoff names us as the old owner of a lease we never started (it was stolen from
+        us while it was still on its way to us, or we restarted): nothing of ours to write, so
+        complete it at once instead of making the new owner wait out the failover time."""
+        if lease.checkpoint_owner != self.worker_id or lease.lease_key in self.held:
+            return
+        with contextlib.suppress(StaleLease):
+            await self.store.complete_handoff(lease, None)
+            log.info(
+                "handed over lease %s, which we had not started, to %s", lease.lease_key, lease.lease_owner
+            )
 
     async def _check_held_against(self, leases: list[Lease]) -> None:
         by_key = {lease.lease_key: lease for lease in leases}

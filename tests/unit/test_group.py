@@ -192,3 +192,29 @@ async def test_a_deleted_stream_stops_only_its_own_shards_in_a_multi_stream_app(
     assert not runner.done()
     consumer.request_stop()
     await runner
+
+
+async def test_a_handoff_naming_a_worker_that_never_started_the_lease_is_completed_at_once() -> None:
+    # w1 was receiving the lease from w0 when w6 stole it from w1: w1 never held it, so w1
+    # completes that handoff at once rather than leaving w6 to wait out the failover time.
+    from kinesis_butler.leasing import LeaseCoordinator
+    from kinesis_butler.models import Lease
+
+    backing = MemoryBacking()
+    store = MemoryLeaseStore("app", backing=backing)
+    await store.create_lease_if_absent(Lease("shard-0"))
+    lease = await store.take_lease(Lease("shard-0"), "w1")
+    stolen = await store.initiate_handoff(lease, "w6")
+    assert (stolen.lease_owner, stolen.checkpoint_owner) == ("w6", "w1")
+    coordinator = LeaseCoordinator(
+        MemoryLeaseStore("app", backing=backing),
+        "w1",
+        FAST,
+        on_acquired=lambda h: None,
+        on_lost=lambda h: None,
+    )
+    coordinator.taking = False  # only the table scan, no takes
+    await coordinator.take_round()
+    after = await store.get_lease("shard-0")
+    assert after is not None
+    assert (after.lease_owner, after.checkpoint_owner) == ("w6", None)
