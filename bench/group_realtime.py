@@ -91,9 +91,8 @@ async def main(failover: float, *, verbose: bool = False) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
     renew = config.effective_renew_interval
-    print(
-        f"failover {failover:.0f} s, renew every {renew:.2f} s, take every {config.effective_take_interval:.2f} s"
-    )
+    take = config.effective_take_interval
+    print(f"failover {failover:.0f} s, renew every {renew:.2f} s, take every {take:.2f} s")
     print(f"{'':34}{'measured':>10}{'goal':>10}")
     print(f"{'balance 64 shards, 1 -> 8 workers':34}{balance:>9.1f}s{30:>9.1f}s")
     print(f"{f'fail over {lost} shards of a dead worker':34}{failover_took:>9.1f}s{failover + renew:>9.1f}s")
