@@ -34,14 +34,12 @@ from kinesis_butler.errors import (
     ResourceNotFound,
     StoreError,
 )
+from kinesis_butler.iteration import IteratorProcessor
 from kinesis_butler.leasing import HeldLease, LeaseCoordinator
 from kinesis_butler.lifecycle import ShardConsumer, ShardState
 from kinesis_butler.models import ExtendedSequenceNumber, Lease, Record, Shard, StartPosition
 from kinesis_butler.processor import (
     ProcessorFactory,
-    ProcessRecordsInput,
-    RecordProcessorBase,
-    ShardEndedInput,
     as_processor_factory,
 )
 from kinesis_butler.retrieval.polling import PollingSource, ShardReader
@@ -74,40 +72,6 @@ class ShardStatus:
     state: str  # this worker's ShardState for held shards, else "finished" / "unowned" / "held elsewhere"
     records_processed: int
     parents: tuple[str, ...]
-
-
-async def _first(*awaitables: asyncio.Future[Any]) -> None:
-    """Wait for the first to finish; cancel (and reap) the others."""
-    try:
-        await asyncio.wait(awaitables, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiting in awaitables:
-            if not waiting.done():
-                waiting.cancel()
-        await asyncio.gather(*awaitables, return_exceptions=True)
-
-
-class _IteratorProcessor(RecordProcessorBase):
-    """Feeds ``async for``: each batch is queued; the user checkpoints explicitly."""
-
-    explicit_checkpoints = True  # the lifecycle must not write SHARD_END over unconfirmed records
-
-    def __init__(self, queue: asyncio.Queue[list[Record]], closing: asyncio.Event) -> None:
-        self._queue = queue
-        self._closing = closing
-
-    async def process_records(self, process_records_input: ProcessRecordsInput) -> None:
-        # On shutdown a full queue must not hold the shard hostage: the batch is dropped
-        # unconsumed (and uncheckpointed), so whoever takes the shard next reads it again.
-        put = asyncio.ensure_future(self._queue.put(list(process_records_input.records)))
-        await _first(put, asyncio.ensure_future(self._closing.wait()))
-
-    async def shard_ended(self, shard_ended_input: ShardEndedInput) -> None:
-        # SHARD_END may be written only once the user confirmed every record of the shard.
-        checkpointer = shard_ended_input.checkpointer
-        waiter = getattr(checkpointer, "wait_caught_up", None)
-        if waiter is not None:
-            await _first(asyncio.ensure_future(waiter()), asyncio.ensure_future(self._closing.wait()))
 
 
 class AsyncConsumer:
@@ -158,7 +122,7 @@ class AsyncConsumer:
         if processor is None:
             queue: asyncio.Queue[list[Record]] = asyncio.Queue(maxsize=4)
             self._queue = queue
-            self._factory: ProcessorFactory = lambda: _IteratorProcessor(queue, self._stop)
+            self._factory: ProcessorFactory = lambda: IteratorProcessor(queue, self._stop)
         else:
             self._factory = as_processor_factory(processor)
         self.store: LeaseStore = open_store(store, app) if isinstance(store, str) else store

@@ -35,6 +35,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "testing",
         "progress",
         "streams",
+        "iteration",
     }
     assert public - modules == exported - {"__version__"}
 
