@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 import aiohttp
 import msgspec
 
+from kinesis_butler.aws._client import JsonServiceClient
 from kinesis_butler.aws._dynamodb_expressions import Expression
 from kinesis_butler.aws._dynamodb_shapes import (
     AttributeDefinition,
@@ -39,11 +40,10 @@ from kinesis_butler.aws._dynamodb_shapes import (
     table_decoder,
 )
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
-from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
+from kinesis_butler.aws.transport import Transport, TransportOptions
 from kinesis_butler.errors import (
     AwsError,
     ConditionalCheckFailed,
-    ConfigError,
     EndpointUnreachable,
     ResourceInUse,
     ResourceNotFound,
@@ -111,7 +111,7 @@ def _maybe_applied(exc: Exception) -> bool:
     return isinstance(exc, ServiceUnavailable)  # a throttled request was not applied
 
 
-class DynamoDbClient:
+class DynamoDbClient(JsonServiceClient):
     """An async client for the DynamoDB operations the lease store uses.
 
     Reads are retried by the transport. Conditional writes are retried here (same budget and
@@ -123,6 +123,10 @@ class DynamoDbClient:
         ...     key = {"leaseKey": AttributeValue(S="shardId-000000000000")}
         ...     item = await ddb.get_item("orders-app", key)
     """
+
+    _SERVICE = "dynamodb"
+    _TARGET_PREFIX = _TARGET_PREFIX
+    _CONTENT_TYPE = _CONTENT_TYPE
 
     def __init__(
         self,
@@ -152,53 +156,16 @@ class DynamoDbClient:
             ConfigError: no region is configured, or both ``credentials`` and ``profile`` given.
         """
         self._options = transport_options or TransportOptions()
-        if transport is None:
-            if credentials is not None and profile is not None:
-                raise ConfigError("pass either credentials or profile, not both")
-            if isinstance(credentials, AwsCredentials):
-                provider = CredentialsProvider(
-                    access_key_id=credentials.access_key_id,
-                    secret_access_key=credentials.secret_access_key,
-                    session_token=credentials.session_token,
-                    region=region,
-                )
-            else:
-                provider = credentials or CredentialsProvider(profile=profile, region=region)
-            transport = JsonTransport(
-                service="dynamodb",
-                target_prefix=_TARGET_PREFIX,
-                credentials=provider,
-                region=region,
-                endpoint_url=endpoint_url,
-                content_type=_CONTENT_TYPE,
-                options=self._options,
-            )
-        self._transport: Transport = transport
+        super().__init__(
+            region=region,
+            endpoint_url=endpoint_url,
+            credentials=credentials,
+            profile=profile,
+            transport_options=self._options,
+            transport=transport,
+        )
         self._sleep = sleep
         self._rand = rand
-
-    def __repr__(self) -> str:
-        return f"DynamoDbClient(endpoint_url={self._transport.endpoint_url!r})"
-
-    @property
-    def endpoint_url(self) -> str:
-        """The endpoint this client talks to."""
-        return self._transport.endpoint_url
-
-    @property
-    def region(self) -> str:
-        """The region requests are signed for."""
-        return self._transport.region
-
-    async def __aenter__(self) -> DynamoDbClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connections. Idempotent; the client cannot be reused."""
-        await self._transport.aclose()
 
     # -- tables -------------------------------------------------------------------------------
 

