@@ -116,6 +116,7 @@ class LeaseCoordinator:
         # lost: (the counter the lease had, the position). Written if we take the lease back
         # with that same counter, i.e. nobody else touched it in between.
         self._orphaned: dict[str, tuple[int, ExtendedSequenceNumber]] = {}
+        self._releasing: set[str] = set()  # leases whose release write is in flight
         self.taking = True
 
     @property
@@ -145,6 +146,29 @@ class LeaseCoordinator:
             group.create_task(self._loop(self.renew_all, self.config.effective_renew_interval))
             group.create_task(self._loop(self.take_round, self.config.effective_take_interval))
             group.create_task(self._loop(self.receive_handoffs, handoff_poll))
+            group.create_task(self._loop(self.watchdog, min(0.25, self.config.effective_renew_interval / 4)))
+
+    @property
+    def self_fence_after(self) -> float:
+        """Seconds without a successful write after which we stop working on a lease: a little
+        before others may judge it expired (they wait the failover time from when they first
+        saw its counter, which is no earlier than our last write)."""
+        return self.config.failover_time - min(
+            self.config.effective_renew_interval, self.config.failover_time / 5
+        )
+
+    async def watchdog(self) -> None:
+        """Drop leases not renewed in time, even while a store call hangs (it holds the lease
+        lock, so the renewal path itself could not decide)."""
+        now = self._clock()
+        for held in list(self.held.values()):
+            if held.handoff.is_set() or held.released or held.lost.is_set():
+                continue
+            if now - held.last_renewed >= self.self_fence_after:
+                self._lose(
+                    held,
+                    f"not renewed for {now - held.last_renewed:.1f} s (the store is unreachable or slow)",
+                )
 
     async def _loop(self, step: Callable[[], Awaitable[object]], interval: float) -> None:
         while True:
@@ -175,6 +199,7 @@ class LeaseCoordinator:
         for lease in plan.take:
             if lease.lease_key in self.held:
                 continue
+            started = self._clock()
             try:
                 stored = await self.store.take_lease(lease, self.worker_id)
             except StaleLease:
@@ -184,7 +209,7 @@ class LeaseCoordinator:
                     await self.store.evict_lease(stored)
                 continue
             stored = await self._adopt_orphan(lease, stored)
-            taken.append(self._hold(stored, "took"))
+            taken.append(self._hold(stored, "took", written_at=started))
         for lease in plan.steal:
             try:
                 stored = await self.store.initiate_handoff(lease, self.worker_id)
@@ -194,9 +219,9 @@ class LeaseCoordinator:
             self.incoming[stored.lease_key] = _Incoming(stored, self._clock())
         return taken
 
-    def _hold(self, stored: Lease, how: str) -> HeldLease:
+    def _hold(self, stored: Lease, how: str, *, written_at: float | None = None) -> HeldLease:
         now = self._clock()
-        held = HeldLease(stored, acquired_at=now, last_renewed=now)
+        held = HeldLease(stored, acquired_at=now, last_renewed=now if written_at is None else written_at)
         self.held[stored.lease_key] = held
         self._seen[stored.lease_key] = (stored.lease_counter, now)
         log.info("%s lease %s (counter %d)", how, stored.lease_key, stored.lease_counter)
@@ -207,6 +232,7 @@ class LeaseCoordinator:
         """Start the leases whose old owner completed the handoff; take over stuck ones."""
         received: list[HeldLease] = []
         for key, incoming in list(self.incoming.items()):
+            started = self._clock()
             current = await self.store.get_lease(key)
             now = self._clock()
             if current is None or current.lease_owner != self.worker_id or not self.taking:
@@ -216,7 +242,12 @@ class LeaseCoordinator:
                 continue
             if current.checkpoint_owner is None:
                 del self.incoming[key]
-                received.append(self._hold(current, "received"))
+                if current.checkpoint.is_shard_end:
+                    # The old owner read it to its end before handing over: nothing left to do.
+                    with contextlib.suppress(StaleLease):
+                        await self.store.evict_lease(current)
+                    continue
+                received.append(self._hold(current, "received", written_at=started))
                 continue
             if current.lease_counter != incoming.lease.lease_counter:
                 self.incoming[key] = _Incoming(current, now)
@@ -227,7 +258,7 @@ class LeaseCoordinator:
                     stored = await self.store.take_lease(current, self.worker_id)
                 except StaleLease:
                     continue
-                received.append(self._hold(stored, "took over stuck handoff of"))
+                received.append(self._hold(stored, "took over stuck handoff of", written_at=now))
         return received
 
     async def _hand_back_unstarted(self, lease: Lease) -> None:
@@ -236,6 +267,8 @@ class LeaseCoordinator:
         complete it at once instead of making the new owner wait out the failover time."""
         if lease.checkpoint_owner != self.worker_id or lease.lease_key in self.held:
             return
+        if lease.lease_key in self._releasing:
+            return  # our own release is writing the final checkpoint right now
         with contextlib.suppress(StaleLease):
             await self.store.complete_handoff(lease, None)
             log.info(
@@ -260,9 +293,13 @@ class LeaseCoordinator:
         async with held.lock:
             if held.lost.is_set() or held.handoff.is_set() or held.released:
                 return  # during a handoff the lease belongs to the new owner: no writes
+            started = self._clock()
             try:
-                held.lease = await self.store.renew_lease(held.lease)
-                held.last_renewed = self._clock()
+                renewed = await self.store.renew_lease(held.lease)
+                if held.lost.is_set():
+                    return  # the watchdog gave it up while the call hung: the lease is not ours
+                held.lease = renewed
+                held.last_renewed = started  # when the write began: the safe side
                 if held.unwritten_checkpoint is not None:  # the store is back: catch up
                     held.lease = await self.store.checkpoint(held.lease, held.unwritten_checkpoint)
                     held.unwritten_checkpoint = None
@@ -270,7 +307,7 @@ class LeaseCoordinator:
                 await self._stale(held, "renewal refused: the lease counter moved on")
             except StoreUnavailable as exc:
                 # Keep processing what we hold until others could consider it expired.
-                if self._clock() - held.last_renewed >= self.config.failover_time:
+                if self._clock() - held.last_renewed >= self.self_fence_after:
                     self._lose(held, f"not renewed for the failover time ({exc})")
                 else:
                     log.warning("could not renew %s (will retry): %s", held.key, exc)
@@ -379,13 +416,14 @@ class LeaseCoordinator:
         than the processor failing its batch over and over."""
         delay = 0.1
         while True:
+            started = self._clock()
             try:
                 lease = await self.store.checkpoint(held.lease, position, pending_checkpoint=pending)
             except StoreUnavailable as exc:
-                if not wait and self._clock() - held.last_renewed < self.config.failover_time:
+                if not wait and self._clock() - held.last_renewed < self.self_fence_after:
                     log.warning("checkpoint of %s deferred until the store answers: %s", held.key, exc)
                     raise
-                if self._clock() - held.last_renewed >= self.config.failover_time:
+                if held.lost.is_set() or self._clock() - held.last_renewed >= self.self_fence_after:
                     self._lose(held, f"the store was unreachable for the failover time ({exc})")
                     raise LeaseLost(
                         f"lease {held.key}: the store was unreachable for the failover time; "
@@ -396,7 +434,11 @@ class LeaseCoordinator:
                 await self._sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            held.last_renewed = self._clock()
+            if held.lost.is_set():  # the watchdog gave it up while the write was in flight
+                raise LeaseLost(
+                    f"lease {held.key} was given up; checkpoint {position} refused", lease_key=held.key
+                )
+            held.last_renewed = started
             return lease
 
     async def update_children(self, held: HeldLease, child_ids: frozenset[str]) -> None:
@@ -417,6 +459,7 @@ class LeaseCoordinator:
             if held.lost.is_set() or held.released:
                 return
             held.released = True
+            self._releasing.add(held.key)
             try:
                 if held.handoff.is_set():
                     await self.store.complete_handoff(held.lease, held.unwritten_checkpoint)
@@ -435,6 +478,7 @@ class LeaseCoordinator:
             except StoreError as exc:
                 log.warning("could not release lease %s (it will expire instead): %s", held.key, exc)
             finally:
+                self._releasing.discard(held.key)
                 held.lost.set()
 
     def refuse(self, lease_key: str) -> None:

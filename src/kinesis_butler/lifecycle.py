@@ -25,10 +25,11 @@ import enum
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Final
 
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import CheckpointError, LeaseLost, ProcessorFailed, StoreError
+from kinesis_butler.errors import CheckpointError, LeaseLost, ProcessorFailed, StoreError, StoreUnavailable
 from kinesis_butler.leasing import HeldLease, LeaseCoordinator
 from kinesis_butler.models import SHARD_END, TRIM_HORIZON, ExtendedSequenceNumber, Lease, Record
 from kinesis_butler.processor import (
@@ -226,7 +227,23 @@ class ShardConsumer:
             log.exception("shard %s: lease_lost callback raised", self.shard_id)
         self._move(ShardState.SHUTDOWN_COMPLETE)
 
+    async def _through_outage(self, write: Callable[[], Awaitable[object]]) -> None:
+        """Retry a store write through an outage for as long as we hold the lease (the lease
+        watchdog ends the wait: lost.is_set() then cancels this work)."""
+        delay = 0.2
+        while True:
+            try:
+                await write()
+                return
+            except StoreUnavailable as exc:
+                log.warning("shard %s: store unavailable (retry in %.1f s): %s", self.shard_id, delay, exc)
+                await self._sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _work(self) -> None:
+        if self.held.lease.checkpoint.is_shard_end:  # finished already (e.g. handed over at its end)
+            await self._shutdown_requested(notify=False)
+            return
         if not await self._wait_for_parents():
             await self._shutdown_requested(notify=False)  # never initialized: nothing to tell
             return
@@ -269,7 +286,12 @@ class ShardConsumer:
         while parents:
             pending = []
             for parent in sorted(parents):
-                lease = await self._store.get_lease(self.held.lease.key_for(parent))
+                try:
+                    lease = await self._store.get_lease(self.held.lease.key_for(parent))
+                except StoreUnavailable as exc:  # ask again later; the lease watchdog decides loss
+                    log.warning("shard %s: cannot read parent %s yet: %s", self.shard_id, parent, exc)
+                    pending.append(parent)
+                    continue
                 if lease is not None and not lease.checkpoint.is_shard_end:
                     pending.append(parent)
             if not pending:
@@ -350,15 +372,14 @@ class ShardConsumer:
             return
         # Children first: once SHARD_END is visible, their workers may start them.
         for child, parents in child_parents:
-            await self._store.create_lease_if_absent(
-                Lease(
-                    lease_key=self.held.lease.key_for(child),
-                    checkpoint=TRIM_HORIZON,
-                    parent_shard_ids=frozenset(parents),
-                    stream_name=self.held.lease.stream_name,
-                    shard_id=child,
-                )
+            child_lease = Lease(
+                lease_key=self.held.lease.key_for(child),
+                checkpoint=TRIM_HORIZON,
+                parent_shard_ids=frozenset(parents),
+                stream_name=self.held.lease.stream_name,
+                shard_id=child,
             )
+            await self._through_outage(partial(self._store.create_lease_if_absent, child_lease))
         if child_parents:
             await self._coordinator.update_children(self.held, frozenset(c for c, _ in child_parents))
         await self._coordinator.checkpoint(self.held, SHARD_END)
