@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Self
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import ClassVar, Self, TypeVar
 
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
 from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
-from kinesis_butler.errors import ConfigError
+from kinesis_butler.errors import ConfigError, ResourceInUse, ResourceNotFound
 
-__all__ = ["JsonServiceClient", "credentials_provider"]
+__all__ = ["JsonServiceClient", "credentials_provider", "wait_until_active"]
+
+_T = TypeVar("_T")
+
+
+async def wait_until_active(
+    describe: Callable[[], Awaitable[_T]],
+    status_of: Callable[[_T], str],
+    *,
+    what: str,
+    operation: str,
+    timeout: float,  # noqa: ASYNC109 - a deadline for a poll loop
+) -> _T:
+    """Describe a resource until its status is ACTIVE (ResourceNotFound counts as "not yet").
+
+    Raises:
+        ResourceNotFound: it still did not exist at the deadline.
+        ResourceInUse: it existed but was not ACTIVE at the deadline.
+    """
+    deadline, interval = time.monotonic() + timeout, 0.05
+    while True:
+        try:
+            description = await describe()
+        except ResourceNotFound:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            status = status_of(description)
+            if status == "ACTIVE":
+                return description
+            if time.monotonic() >= deadline:
+                raise ResourceInUse(f"{what} is still {status} after {timeout:g} s", operation=operation)
+        await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+        interval = min(interval * 2, 1.0)
 
 
 def credentials_provider(

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Literal
 
 import aiohttp
 import msgspec
 
-from kinesis_butler.aws._client import JsonServiceClient
+from kinesis_butler.aws._client import JsonServiceClient, wait_until_active
 from kinesis_butler.aws._dynamodb_expressions import Expression
 from kinesis_butler.aws._dynamodb_shapes import (
     AttributeDefinition,
@@ -45,8 +44,6 @@ from kinesis_butler.errors import (
     AwsError,
     ConditionalCheckFailed,
     EndpointUnreachable,
-    ResourceInUse,
-    ResourceNotFound,
     ServiceUnavailable,
 )
 
@@ -205,23 +202,13 @@ class DynamoDbClient(JsonServiceClient):
             ResourceNotFound: the table still did not exist at the deadline.
             ResourceInUse: it was not ACTIVE at the deadline.
         """
-        deadline, interval = time.monotonic() + timeout, 0.05
-        while True:
-            try:
-                description = await self.describe_table(table)
-            except ResourceNotFound:
-                if time.monotonic() >= deadline:
-                    raise
-            else:
-                if description.table_status == "ACTIVE":
-                    return description
-                if time.monotonic() >= deadline:
-                    raise ResourceInUse(
-                        f"table {table!r} is still {description.table_status} after {timeout:g} s",
-                        operation="DescribeTable",
-                    )
-            await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 2, 1.0)
+        return await wait_until_active(
+            lambda: self.describe_table(table),
+            lambda description: description.table_status,
+            what=f"table {table!r}",
+            operation="DescribeTable",
+            timeout=timeout,
+        )
 
     # -- items --------------------------------------------------------------------------------
 

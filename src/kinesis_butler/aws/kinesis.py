@@ -8,13 +8,11 @@ straight into :class:`kinesis_butler.models.Record` with a decoder built once at
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any, Final, TypeVar
 
 import msgspec
 
-from kinesis_butler.aws._client import JsonServiceClient
+from kinesis_butler.aws._client import JsonServiceClient, wait_until_active
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
 from kinesis_butler.aws.kinesis_shapes import (
     ChildShard,
@@ -44,7 +42,7 @@ from kinesis_butler.aws.kinesis_shapes import (
     _WireShard,
 )
 from kinesis_butler.aws.transport import Transport, TransportOptions
-from kinesis_butler.errors import AwsError, ConfigError, ResourceInUse, ResourceNotFound
+from kinesis_butler.errors import AwsError, ConfigError
 from kinesis_butler.models import Shard
 
 __all__ = [
@@ -333,24 +331,13 @@ class KinesisClient(JsonServiceClient):
             ResourceNotFound: the stream still did not exist at the deadline.
             ResourceInUse: the stream was not active at the deadline.
         """
-        deadline = time.monotonic() + timeout
-        interval = 0.05
-        while True:
-            try:
-                summary = await self.describe_stream_summary(stream)
-            except ResourceNotFound:
-                if time.monotonic() >= deadline:
-                    raise
-            else:
-                if summary.stream_status == "ACTIVE":
-                    return summary
-                if time.monotonic() >= deadline:
-                    raise ResourceInUse(
-                        f"stream {stream!r} is still {summary.stream_status} after {timeout:g} s",
-                        operation="DescribeStreamSummary",
-                    )
-            await asyncio.sleep(min(interval, max(0.0, deadline - time.monotonic())))
-            interval = min(interval * 2, 1.0)
+        return await wait_until_active(
+            lambda: self.describe_stream_summary(stream),
+            lambda summary: summary.stream_status,
+            what=f"stream {stream!r}",
+            operation="DescribeStreamSummary",
+            timeout=timeout,
+        )
 
     async def split_shard(self, stream: str, shard_id: str, new_starting_hash_key: int) -> None:
         """Split a shard in two at ``new_starting_hash_key`` (the first key of the upper child).
