@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -38,6 +39,13 @@ def run_demo(*, records: int, shards: int, directory: str) -> int:
     root = Path(directory).resolve()
     data_dir = root / "kinesis-data"
     data_dir.mkdir(parents=True, exist_ok=True)
+    working, snapshot = data_dir / "kinesis-data.json", root / "kinesis-snapshot.json"
+    # The emulator rewrites its file in place on a timer, so stopping it can leave the file
+    # half written; each run starts from the last snapshot known to be complete.
+    if snapshot.exists():
+        shutil.copyfile(snapshot, working)
+    else:
+        working.unlink(missing_ok=True)
     # Dummy credentials: the emulator checks the signature's shape, not the keys.
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "demo")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "demo")
@@ -52,19 +60,27 @@ def run_demo(*, records: int, shards: int, directory: str) -> int:
     print(f"starting the Kinesis emulator (data in {data_dir}) ...")
     with emulator:
         code = asyncio.run(_demo(emulator.endpoint_url, root, records, shards))
-        _wait_persisted(data_dir / "kinesis-data.json", since=time.time())
+        _save_snapshot(working, snapshot, since=time.time())
     return code
 
 
-def _wait_persisted(path: Path, *, since: float, timeout: float = 10.0) -> None:
-    # The emulator saves on a timer; wait for a save that happened after our last write so
-    # that the next run finds the records we wrote (a condition, not a fixed sleep).
+def _save_snapshot(working: Path, snapshot: Path, *, since: float, timeout: float = 10.0) -> None:
+    """Wait for a complete save made after ``since`` (a condition, not a fixed sleep), then
+    copy it aside, so that the next run finds every record this one wrote."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and path.stat().st_mtime > since:
-            return
+        try:
+            if working.stat().st_mtime > since:
+                content = working.read_bytes()
+                json.loads(content)  # a save still being written does not parse
+                snapshot.write_bytes(content)
+                return
+        except (OSError, ValueError):
+            pass
         time.sleep(PERSIST_INTERVAL_MS / 4000)
-    print(f"warning: the emulator did not save {path} in time; the next run may start over", file=sys.stderr)
+    print(
+        f"warning: the emulator did not save {working} in time; the next run may start over", file=sys.stderr
+    )
 
 
 async def _demo(endpoint: str, root: Path, count: int, shard_count: int) -> int:
