@@ -211,13 +211,28 @@ class LeaseCoordinator:
             stored = await self._adopt_orphan(lease, stored)
             taken.append(self._hold(stored, "took", written_at=started))
         for lease in plan.steal:
-            try:
-                stored = await self.store.initiate_handoff(lease, self.worker_id)
-            except StaleLease:
+            asked = await self._initiate_handoff(lease)
+            if asked is None:
                 continue
             log.info("asked %s to hand over lease %s", lease.lease_owner, lease.lease_key)
-            self.incoming[stored.lease_key] = _Incoming(stored, self._clock())
+            self.incoming[asked.lease_key] = _Incoming(asked, self._clock())
         return taken
+
+    async def _initiate_handoff(self, lease: Lease) -> Lease | None:
+        """Ask ``lease``'s owner to hand it over. When the owner renewed it since we read it (a
+        renewal landing in the same instant as our take round is common when workers start
+        together and tick in step), re-read it and ask once more if nothing but the counter
+        changed; otherwise give up for this round."""
+        try:
+            return await self.store.initiate_handoff(lease, self.worker_id)
+        except StaleLease:
+            fresh = await self.store.get_lease(lease.lease_key)
+        if fresh is None or fresh.lease_owner != lease.lease_owner or fresh.checkpoint_owner is not None:
+            return None
+        try:
+            return await self.store.initiate_handoff(fresh, self.worker_id)
+        except StaleLease:
+            return None
 
     def _hold(self, stored: Lease, how: str, *, written_at: float | None = None) -> HeldLease:
         now = self._clock()
