@@ -137,22 +137,45 @@ class InitialPosition(enum.Enum):
     TRIM_HORIZON = "TRIM_HORIZON"  # the oldest record still retained
     LATEST = "LATEST"  # only records written after the iterator is taken
     AT_TIMESTAMP = "AT_TIMESTAMP"  # the first record at or after a timestamp
+    AT_SEQUENCE_NUMBER = "AT_SEQUENCE_NUMBER"  # one shard's record with this sequence number
+    AFTER_SEQUENCE_NUMBER = "AFTER_SEQUENCE_NUMBER"  # the record after it
+
+
+_SEQUENCE_KINDS: Final = (InitialPosition.AT_SEQUENCE_NUMBER, InitialPosition.AFTER_SEQUENCE_NUMBER)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StartPosition:
-    """An initial position, with the timestamp when it is AT_TIMESTAMP."""
+    """Where a shard without a checkpoint starts: a kind, with its timestamp or sequence number.
+
+    AT_SEQUENCE_NUMBER and AFTER_SEQUENCE_NUMBER name one shard's record, so they are given per
+    shard (``AsyncConsumer(shard_start_at=...)``, ``--start-at-shard``), never for a whole stream.
+    """
 
     kind: InitialPosition = InitialPosition.TRIM_HORIZON
     timestamp: float | None = None
+    sequence_number: str | None = None
 
     def __post_init__(self) -> None:
         if (self.kind is InitialPosition.AT_TIMESTAMP) != (self.timestamp is not None):
             raise ConfigError("a timestamp is required with AT_TIMESTAMP and only with it")
+        if (self.kind in _SEQUENCE_KINDS) != (self.sequence_number is not None):
+            raise ConfigError(
+                "a sequence number is required with AT_SEQUENCE_NUMBER and AFTER_SEQUENCE_NUMBER "
+                "and only with them"
+            )
+        if self.sequence_number is not None and not self.sequence_number.isdigit():
+            raise ConfigError(f"invalid sequence number {self.sequence_number!r}: expected digits")
+
+    @property
+    def is_sequence(self) -> bool:
+        """True for AT_/AFTER_SEQUENCE_NUMBER (per-shard positions)."""
+        return self.sequence_number is not None
 
     @classmethod
     def parse(cls, text: str) -> StartPosition:
-        """Parse ``trim_horizon``, ``latest`` or ``at_timestamp:ISO8601`` (case-insensitive)."""
+        """Parse ``trim_horizon``, ``latest``, ``at_timestamp:ISO8601``,
+        ``at_sequence_number:N`` or ``after_sequence_number:N`` (case-insensitive)."""
         raw = text.strip()
         lowered = raw.lower()
         if lowered == "trim_horizon":
@@ -171,13 +194,26 @@ class StartPosition:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             return cls(InitialPosition.AT_TIMESTAMP, moment.timestamp())
+        for kind in _SEQUENCE_KINDS:
+            prefix = kind.value.lower() + ":"
+            if lowered.startswith(prefix):
+                number = raw[len(prefix) :].strip()
+                if not number.isdigit():
+                    raise ConfigError(
+                        f"invalid start position {text!r}: {number!r} is not a sequence number (digits)"
+                    )
+                return cls(kind, sequence_number=number)
         raise ConfigError(
-            f"invalid start position {text!r}: use trim_horizon, latest or at_timestamp:ISO8601"
+            f"invalid start position {text!r}: use trim_horizon, latest, at_timestamp:ISO8601, "
+            "at_sequence_number:N or after_sequence_number:N"
         )
 
     @property
     def sentinel(self) -> ExtendedSequenceNumber:
-        """The checkpoint sentinel a new lease carries for this position."""
+        """The checkpoint sentinel a new lease carries for this position (TRIM_HORIZON for a
+        per-shard sequence position: the shard's source applies the sequence number itself)."""
+        if self.is_sequence:
+            return TRIM_HORIZON
         return ExtendedSequenceNumber(self.kind.value)
 
 

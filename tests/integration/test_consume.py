@@ -30,6 +30,7 @@ CONFIG = ConsumerConfig(
     failover_time=3.0,
     idle_poll_interval=0.1,
     min_poll_interval=0.05,
+    shard_read_calls_per_second=1000.0,
     shard_sync_interval=1.0,
     take_interval=0.2,
     shutdown_timeout=10,

@@ -85,7 +85,11 @@ async def test_a_worker_resumes_from_the_checkpoints_a_kcl_application_left(
         store=f"dynamodb://{dynamodb_table}?region=us-east-1&endpoint_url={dynamodb_moto}",
         client=kinesis,
         config=ConsumerConfig(
-            failover_time=2.0, take_interval=0.5, idle_poll_interval=0.1, min_poll_interval=0.05
+            failover_time=2.0,
+            take_interval=0.5,
+            idle_poll_interval=0.1,
+            min_poll_interval=0.05,
+            shard_read_calls_per_second=1000.0,
         ),
     )
     runner = asyncio.create_task(consumer.run())

@@ -54,7 +54,11 @@ async def test_an_outage_longer_than_the_failover_time_loses_nothing(
     await put_numbers(kinesis, stream, 0, 100)
     seen = Collector()
     config = ConsumerConfig(
-        failover_time=FAILOVER, idle_poll_interval=0.1, min_poll_interval=0.05, shard_sync_interval=2.0
+        failover_time=FAILOVER,
+        idle_poll_interval=0.1,
+        min_poll_interval=0.05,
+        shard_read_calls_per_second=1000.0,
+        shard_sync_interval=2.0,
     )
     consumer = AsyncConsumer(stream, "outage-app", seen, store=server.url, client=kinesis, config=config)
     runner = asyncio.create_task(consumer.run())

@@ -34,6 +34,7 @@ FAST = ConsumerConfig(
     failover_time=1.0,
     idle_poll_interval=0.01,
     min_poll_interval=0.001,
+    shard_read_calls_per_second=1000.0,
     shard_sync_interval=0.05,
     take_interval=0.05,
     processor_retry_base=0.001,

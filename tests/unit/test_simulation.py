@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 
 from kinesis_butler.errors import StoreUnavailable
 from kinesis_butler.leasing import LeaseCoordinator
-from kinesis_butler.retrieval import polling
+from kinesis_butler.retrieval import quota
 from kinesis_butler.testing.simulation import Delivery, Event, Simulation, balanced, run_simulation
 
 # -- the invariants -------------------------------------------------------------------------------
@@ -193,15 +193,14 @@ def test_virtual_time_jumps_and_the_library_reads_it() -> None:
     async def main() -> tuple[float, float, object]:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(3600)  # virtual: an hour, at once
-        return loop.time(), vars(polling)["time"].monotonic(), _default_clock()
+        return loop.time(), quota._now(), _default_clock()
 
     started = time.monotonic()
     virtual, seen_by_library, clock = run_simulation(main)
-    assert virtual == seen_by_library == 3600.0  # the polling module's time.monotonic is virtual
+    assert virtual == seen_by_library == 3600.0  # the read-quota pacer runs on the loop's clock
     assert clock is not time.monotonic  # and so is the coordinator's default clock
     assert time.monotonic() - started < 5
-    assert vars(polling)["time"] is time  # everything is put back afterwards
-    assert _default_clock() is time.monotonic
+    assert _default_clock() is time.monotonic  # everything is put back afterwards
 
 
 def test_the_same_schedule_gives_the_same_run() -> None:

@@ -20,6 +20,7 @@ CONFIG = ConsumerConfig(
     take_interval=0.1,
     idle_poll_interval=0.01,
     min_poll_interval=0.001,
+    shard_read_calls_per_second=1000.0,
     shard_sync_interval=0.1,
     shutdown_timeout=5,
 )

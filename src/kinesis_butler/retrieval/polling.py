@@ -1,10 +1,17 @@
 """Polling retrieval: GetRecords in a loop, one background fetch task per shard.
 
-Pacing: never two GetRecords on a shard closer than ``min_poll_interval`` (the 5 calls per
-second quota); when caught up (an empty answer, or MillisBehindLatest 0) wait
-``idle_poll_interval``. Throttling backs off with full jitter instead of the KCL's fixed
-sleep. An expired iterator is replaced from the last delivered position, so nothing is
-skipped or repeated. One batch is prefetched while the processor works on the previous one.
+Pacing (retrieval/quota.py): every source reading a shard in this process shares one pacer that
+keeps the shard under 5 calls and 2 MiB per second (times ``read_quota_share``), and never two
+calls closer than ``min_poll_interval``. When caught up (an empty answer, or MillisBehindLatest
+0) the interval grows from ``min_poll_interval`` to ``idle_poll_interval``, so an idle shard
+costs little and new records still arrive within one idle interval. Throttling backs off with
+full jitter for every reader of the shard (the KCL sleeps a fixed interval). An expired
+iterator is replaced from the last delivered position, so nothing is skipped or repeated.
+
+Memory (retrieval/budget.py): each call first takes bytes from the process-wide prefetch
+budget and sizes its ``Limit`` from the grant; the bytes are returned when the processor asks
+for the next batch. One batch is prefetched while the processor works on the previous one.
+KPL aggregated records are de-aggregated here (retrieval/kpl.py).
 """
 
 from __future__ import annotations
@@ -13,16 +20,17 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Sequence
 from typing import Protocol
-
-from msgspec.structs import force_setattr
 
 from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.errors import ButlerError, ExpiredIterator, Throttled
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
+from kinesis_butler.retrieval._delivery import Delivery
 from kinesis_butler.retrieval.base import Batch
+from kinesis_butler.retrieval.budget import PER_RECORD_OVERHEAD as _OVERHEAD
+from kinesis_butler.retrieval.budget import ByteBudget, record_cost
+from kinesis_butler.retrieval.quota import ShardPacer, pacer_for
 
 __all__ = ["PollingSource", "ShardReader"]
 
@@ -68,6 +76,9 @@ class ShardReader(Protocol):
     async def get_records(self, shard_iterator: str, *, limit: int | None = None) -> _GetRecordsResult: ...
 
 
+_INITIAL_RECORD_COST = 64 * 1024  # pessimistic until the shard's first answer is measured
+
+
 class _Failed:
     """An error the fetch task hands to the consumer side of the queue."""
 
@@ -89,30 +100,39 @@ class PollingSource:
         start_position: StartPosition,
         *,
         prefetch: int = 1,
+        budget: ByteBudget | None = None,
+        hash_range: tuple[int, int] | None = None,
     ) -> None:
         self._client = client
         self._stream = stream
         self._shard_id = shard_id
         self._config = config
         self._start_position = start_position
-        self._queue: asyncio.Queue[Batch | _Failed] = asyncio.Queue(maxsize=max(1, prefetch))
+        self._budget = budget or ByteBudget(config.prefetch_budget_bytes)
+        self._queue: asyncio.Queue[tuple[Batch, int] | _Failed] = asyncio.Queue(maxsize=max(1, prefetch))
         self._task: asyncio.Task[None] | None = None
-        self._skip_through: tuple[int, int] | None = None
-        self._last_fetched: ExtendedSequenceNumber | None = None
-        self._last_call = 0.0
+        self._delivery = Delivery(stream, shard_id, hash_range)
+        self._held = 0  # budget bytes of the batch the processor has now
+        self._record_cost = float(_INITIAL_RECORD_COST)
+        self._registered = False
 
     async def start(self, checkpoint: ExtendedSequenceNumber) -> None:
         if self._task is not None:
             raise RuntimeError("PollingSource.start() called twice")
+        self._budget.register()
+        self._registered = True
         self._task = asyncio.create_task(self._fetch_loop(checkpoint), name=f"poll-{self._shard_id}")
 
     async def next_batch(self) -> Batch:
         if self._task is None:
             raise RuntimeError("PollingSource.next_batch() before start()")
+        self._budget.release(self._held)
+        self._held = 0
         item = await self._queue.get()
         if isinstance(item, _Failed):
             raise item.error
-        return item
+        batch, self._held = item
+        return batch
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
@@ -120,6 +140,15 @@ class PollingSource:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        held, self._held = self._held, 0
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if not isinstance(item, _Failed):
+                held += item[1]
+        self._budget.release(held)
+        if self._registered:
+            self._registered = False
+            self._budget.unregister()
 
     # -- the fetch task ----------------------------------------------------------------------
     async def _iterator_at(self, position: ExtendedSequenceNumber) -> str:
@@ -144,30 +173,30 @@ class PollingSource:
 
     async def _get_iterator(self, position: ExtendedSequenceNumber) -> str:
         kwargs: dict[str, object] = {}
-        if position.sequence == "TRIM_HORIZON":
+        start = self._start_position
+        if position.is_sentinel and start.sequence_number is not None:
+            # A per-shard start at a sequence number, for a shard without a checkpoint yet.
+            kind = start.kind.value
+            kwargs["sequence_number"] = start.sequence_number
+        elif position.sequence == "TRIM_HORIZON":
             kind = "TRIM_HORIZON"
         elif position.sequence == "LATEST":
             kind = "LATEST"
         elif position.sequence == "AT_TIMESTAMP":
             kind = "AT_TIMESTAMP"
-            kwargs["timestamp"] = self._start_position.timestamp or 0.0
+            kwargs["timestamp"] = start.timestamp or 0.0
         else:
             # AT (not AFTER) the checkpointed record, then drop what is <= the checkpoint: this
             # is what lets a restart resume inside a KPL aggregated record.
             kind = "AT_SEQUENCE_NUMBER"
             kwargs["sequence_number"] = position.sequence
-            self._skip_through = (int(position.sequence), position.sub_sequence)
+            self._delivery.resume_after(position)
         return await self._client.get_shard_iterator(
             self._stream,
             self._shard_id,
             kind,
             **kwargs,  # type: ignore[arg-type]
         )
-
-    async def _pace(self, delay: float) -> None:
-        wait = self._last_call + delay - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
 
     async def _fetch_loop(self, checkpoint: ExtendedSequenceNumber) -> None:
         try:
@@ -178,78 +207,96 @@ class PollingSource:
             await self._queue.put(_Failed(exc))
 
     async def _fetch_forever(self, checkpoint: ExtendedSequenceNumber) -> None:
-        iterator: str | None = await self._iterator_at(checkpoint)
-        throttled = 0
-        delay = 0.0
-        while iterator is not None:
-            await self._pace(delay)
-            self._last_call = time.monotonic()
-            try:
-                result = await self._client.get_records(iterator, limit=self._config.max_records)
-            except ExpiredIterator:
-                resume = self._last_fetched or checkpoint
-                log.info("shard %s: iterator expired, resuming after %s", self._shard_id, resume)
-                iterator = await self._iterator_at(resume)
-                delay = 0.0
-                continue
-            except Throttled:
-                throttled += 1
-                delay = self._backoff(throttled)
-                log.debug("shard %s: throttled, backing off %.2f s", self._shard_id, delay)
-                continue
-            except ButlerError as exc:
-                if not exc.retriable:
-                    raise
-                throttled += 1
-                delay = self._backoff(throttled)
-                log.warning(
-                    "shard %s: GetRecords failed (will retry in %.1f s): %s", self._shard_id, delay, exc
-                )
-                continue
-            throttled = 0
-            records = self._deliverable(result.records)
-            iterator = result.next_shard_iterator
-            if iterator is None:
-                children = result.child_shards
-                await self._queue.put(
-                    Batch(
-                        records,
-                        result.millis_behind_latest,
-                        shard_end=True,
-                        child_shard_ids=tuple(child.shard_id for child in children),
-                        child_parents=tuple((c.shard_id, tuple(c.parent_shards)) for c in children),
-                    )
-                )
-                return
-            if records:
-                await self._queue.put(Batch(records, result.millis_behind_latest))
-            caught_up = not result.records or result.millis_behind_latest == 0
-            delay = self._config.idle_poll_interval if caught_up else self._config.min_poll_interval
+        config = self._config
+        share = config.read_quota_share
+        lease = pacer_for(
+            self._stream,
+            self._shard_id,
+            config.shard_read_calls_per_second * share,
+            config.shard_read_bytes_per_second * share,
+        )
+        try:
+            await self._poll(checkpoint, lease.pacer)
+        finally:
+            lease.release()
 
-    def _deliverable(self, records: list[Record]) -> list[Record]:
-        if not records:
-            return records
-        if self._skip_through is not None:
-            skip = self._skip_through
-            start = 0
-            while (
-                start < len(records)
-                and (
-                    int(records[start].sequence_number),
-                    records[start].sub_sequence_number,
-                )
-                <= skip
-            ):
-                start += 1
-            if start < len(records):
-                self._skip_through = None
-            records = records[start:]
-            if not records:
-                return records
-        stream, shard_id = self._stream, self._shard_id
-        for record in records:
-            force_setattr(record, "shard_id", shard_id)
-            force_setattr(record, "stream", stream)
-        last = records[-1]
-        self._last_fetched = ExtendedSequenceNumber(last.sequence_number, last.sub_sequence_number)
-        return records
+    async def _reserve(self) -> tuple[int, int]:
+        """Bytes from the budget for the next call, and the call's Limit sized from them."""
+        per_record = max(1, int(self._record_cost))
+        granted = await self._budget.acquire(per_record * self._config.max_records, minimum=per_record)
+        return granted, max(1, min(self._config.max_records, granted // per_record))
+
+    async def _poll(self, checkpoint: ExtendedSequenceNumber, pacer: ShardPacer) -> None:
+        config = self._config
+        iterator: str | None = await self._iterator_at(checkpoint)
+        failures = 0
+        not_before = 0.0
+        idle = 0.0
+        while iterator is not None:
+            started = await pacer.wait(not_before)
+            granted, limit = await self._reserve()
+            try:
+                result = await self._client.get_records(iterator, limit=limit)
+            except BaseException as exc:  # noqa: BLE001 - the grant goes back whatever happened
+                self._budget.release(granted)
+                if isinstance(exc, ExpiredIterator):
+                    resume = self._delivery.last or checkpoint
+                    log.info("shard %s: iterator expired, resuming after %s", self._shard_id, resume)
+                    iterator = await self._iterator_at(resume)
+                    continue
+                failures += 1
+                self._back_off(exc, failures, pacer)
+                continue
+            failures = 0
+            iterator = result.next_shard_iterator
+            await self._emit(result, started, granted, pacer)
+            if not result.records or result.millis_behind_latest == 0:
+                idle = min(config.idle_poll_interval, max(config.min_poll_interval, idle * 2))
+                not_before = started + idle
+            else:
+                idle = 0.0
+                not_before = started + config.min_poll_interval
+
+    def _back_off(self, exc: BaseException, failures: int, pacer: ShardPacer) -> None:
+        """Re-raise what retrying cannot fix; otherwise hold every reader of the shard off."""
+        if not isinstance(exc, ButlerError) or not exc.retriable:
+            raise exc
+        pause = self._backoff(failures)
+        pacer.hold_off(pause)
+        if isinstance(exc, Throttled):
+            log.debug("shard %s: throttled, backing off %.2f s", self._shard_id, pause)
+        else:
+            log.warning("shard %s: GetRecords failed (will retry in %.1f s): %s", self._shard_id, pause, exc)
+
+    async def _emit(self, result: _GetRecordsResult, started: float, granted: int, pacer: ShardPacer) -> None:
+        """Queue a GetRecords answer's deliverable records (and shard end), charging the budget."""
+        raw = result.records
+        cost = 0
+        if raw:
+            cost = record_cost(raw)
+            pacer.received(started, cost - _OVERHEAD * len(raw))
+            self._record_cost = (self._record_cost + cost / len(raw)) / 2
+        records = self._delivery.prepare(raw)
+        if records is not raw:
+            cost = record_cost(records)
+        self._budget.settle(granted, cost)
+        batch: Batch | None = None
+        if result.next_shard_iterator is None:
+            children = result.child_shards
+            batch = Batch(
+                records,
+                result.millis_behind_latest,
+                shard_end=True,
+                child_shard_ids=tuple(child.shard_id for child in children),
+                child_parents=tuple((c.shard_id, tuple(c.parent_shards)) for c in children),
+            )
+        elif records:
+            batch = Batch(records, result.millis_behind_latest)
+        if batch is None:
+            self._budget.release(cost)
+            return
+        try:
+            await self._queue.put((batch, cost))
+        except BaseException:
+            self._budget.release(cost)  # cancelled while the queue was full
+            raise

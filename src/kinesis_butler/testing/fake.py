@@ -9,12 +9,13 @@ integration tests run the same scenarios against the real emulator.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import time
 from collections import deque
 
-from kinesis_butler.errors import InvalidArgument, ResourceNotFound
+from kinesis_butler.errors import InvalidArgument, ResourceNotFound, Throttled
 from kinesis_butler.models import Record, Shard
 
 __all__ = ["FakeChildShard", "FakeGetRecords", "FakeKinesis", "FakeSummary"]
@@ -54,7 +55,13 @@ class _FakeShard:
 class FakeKinesis:
     """One or more in-memory streams. Not thread-safe; use from one event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enforce_read_quota: bool = False) -> None:
+        """With ``enforce_read_quota`` GetRecords raises Throttled as Kinesis would: more than 5
+        calls in a second on a shard, or reading a shard faster than 2 MiB/s (a window's bytes
+        count for ``bytes / 2 MiB`` seconds). Every call is logged in ``read_log`` either way."""
+        self.enforce_read_quota = enforce_read_quota
+        self.read_log: list[tuple[float, str, int]] = []  # (loop time, shard id, payload bytes)
+        self.throttled = 0
         self._streams: dict[str, dict[str, _FakeShard]] = {}
         self._next_shard = 0
         self._sequence = 49_000_000_000_000_000_000_000_000_000_000_000_000_000_000_000
@@ -197,12 +204,28 @@ class FakeKinesis:
             raise InvalidArgument(f"bad iterator type {iterator_type}", operation="GetShardIterator")
         return f"{stream}|{shard_id}|{index}"
 
+    def _check_read_quota(self, shard_id: str, now: float) -> None:
+        calls = [(at, n) for at, shard, n in self.read_log if shard == shard_id and now - at < 1.0 - 1e-6]
+        if len(calls) >= 5:
+            self.throttled += 1
+            raise Throttled("Rate exceeded for shard (5 calls/s)", operation="GetRecords")
+        last = next(((at, n) for at, shard, n in reversed(self.read_log) if shard == shard_id), None)
+        if last is not None and now < last[0] + last[1] / (2 * 1024 * 1024) - 1e-9:
+            self.throttled += 1
+            raise Throttled("Rate exceeded for shard (2 MiB/s)", operation="GetRecords")
+
     async def get_records(self, shard_iterator: str, *, limit: int | None = None) -> FakeGetRecords:
         self._enter("get_records")
         stream, shard_id, raw_index = shard_iterator.split("|")
         entry = self._stream(stream)[shard_id]
+        now = asyncio.get_running_loop().time()
+        if self.enforce_read_quota:
+            self._check_read_quota(shard_id, now)
         index = int(raw_index)
         end = min(len(entry.records), index + (limit or 10_000))
+        self.read_log.append(
+            (now, shard_id, sum(len(r.data) + len(r.partition_key) for r in entry.records[index:end]))
+        )
         batch = [
             Record(r.data, r.partition_key, r.sequence_number, r.approximate_arrival_timestamp)
             for r in entry.records[index:end]
