@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -42,7 +42,8 @@ from kinesis_butler.processor import (
     ProcessorFactory,
     as_processor_factory,
 )
-from kinesis_butler.retrieval.polling import PollingSource, ShardReader
+from kinesis_butler.retrieval.factory import SourceFactory
+from kinesis_butler.retrieval.polling import ShardReader
 from kinesis_butler.stores import LeaseStore, open_store
 from kinesis_butler.streams import StreamTracker
 
@@ -85,6 +86,9 @@ class AsyncConsumer:
         store: a store URL (``sqlite:///path.db``, ``memory://``) or a LeaseStore.
         start_at: where shards without a checkpoint start; a StartPosition or its text
             (``trim_horizon``, ``latest``, ``at_timestamp:ISO8601``).
+        shard_start_at: per-shard starts that override ``start_at`` for shards without a
+            checkpoint, keyed by shard id (or ``stream/shard id`` with several streams); the only
+            place for ``at_sequence_number:N`` / ``after_sequence_number:N``.
         client: a Kinesis client; built from ``region``/``endpoint_url`` when omitted.
         region: the AWS region (default: the botocore chain).
         endpoint_url: a Kinesis endpoint override (e.g. the local emulator).
@@ -102,6 +106,7 @@ class AsyncConsumer:
         *,
         store: str | LeaseStore = "sqlite:///kinesis-butler.db",
         start_at: StartPosition | str = "trim_horizon",
+        shard_start_at: Mapping[str, StartPosition | str] | None = None,
         client: KinesisApi | None = None,
         region: str | None = None,
         endpoint_url: str | None = None,
@@ -116,6 +121,15 @@ class AsyncConsumer:
         self.app = app
         self.config = config or ConsumerConfig()
         self.start_at = StartPosition.parse(start_at) if isinstance(start_at, str) else start_at
+        if self.start_at.is_sequence:
+            raise ConfigError(
+                f"start_at={start_at!r}: a sequence number names one shard's record; "
+                "give it per shard with shard_start_at={shard_id: ...}"
+            )
+        shard_starts = {
+            key: StartPosition.parse(value) if isinstance(value, str) else value
+            for key, value in (shard_start_at or {}).items()
+        }
         self.worker_id = worker_id or default_worker_id()
         self._stop = asyncio.Event()
         self._queue: asyncio.Queue[list[Record]] | None = None
@@ -129,6 +143,7 @@ class AsyncConsumer:
         self._owns_client = client is None
         self.client: KinesisApi = client or KinesisClient(region=region, endpoint_url=endpoint_url)
         self._on_batch = on_batch
+        self.sources = SourceFactory(self.client, app, self.config, self.start_at, shard_starts)
         self.coordinator = LeaseCoordinator(
             self.store,
             self.worker_id,
@@ -155,6 +170,8 @@ class AsyncConsumer:
     # -- lifecycle ---------------------------------------------------------------------------
     async def _prepare(self) -> None:
         await self.tracker.resolve_all(self.client)
+        for name in self.tracker.names:
+            await self.sources.register(name)
         await self.store.initialize()
         await self._sync_all()
 
@@ -248,6 +265,7 @@ class AsyncConsumer:
     async def add_stream(self, name: str) -> None:
         """Start reading another stream without a restart (multi-stream mode)."""
         info = await self.tracker.add(self.client, name)
+        await self.sources.register(info.name)
         await sync_shards(
             self.client, self.store, info.name, self.start_at, stream_identifier=info.identifier
         )
@@ -279,14 +297,13 @@ class AsyncConsumer:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             return
-        shard_id = held.lease.shard
         consumer = ShardConsumer(
             held=held,
             stream=info.name,
             coordinator=self.coordinator,
             store=self.store,
             processor=self._factory(),
-            source=PollingSource(self.client, info.name, shard_id, self.config, self.start_at),
+            source=self.sources.source_for(info.name, held.lease),
             config=self.config,
             on_batch=self._on_batch,
         )

@@ -1,0 +1,257 @@
+"""Enhanced fan-out retrieval: SubscribeToShard, resubscribed from the continuation sequence number.
+
+One background task per shard keeps a subscription open and turns its events into batches:
+
+* Start: a checkpoint resumes ``AT_SEQUENCE_NUMBER`` and drops what is <= it (so a restart resumes
+  inside a KPL aggregate, as polling does); a shard without one starts at the configured position.
+* A subscription ends after at most 5 minutes (or earlier, when the connection breaks): the next
+  one starts ``AFTER_SEQUENCE_NUMBER`` the last event's ``ContinuationSequenceNumber``, never more
+  than once a second per shard (the API's limit).
+* ``ResourceInUse`` (a subscription of the same consumer is still open: the previous owner during
+  a handoff, or a subscription less than 5 s old), throttling and transient failures back off
+  with full jitter; the subscription is retried forever, the lease watchdog decides loss.
+* The last event of a closed shard (no continuation) ends the source with the child shards.
+* Fallback: an error that retrying cannot fix (access denied, consumer deleted, an endpoint with
+  no fan-out) hands the shard to the polling source from the last delivered position.
+
+Memory: events are pushed, so the process budget is charged *after* an event arrives, before
+it is queued; when the budget is spent, the task stops reading, and HTTP/2 flow control stops
+the server. A batch's bytes return to the budget when the processor asks for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from kinesis_butler.config import ConsumerConfig
+from kinesis_butler.errors import ButlerError, ResourceInUse
+from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
+from kinesis_butler.retrieval._delivery import Delivery
+from kinesis_butler.retrieval.base import Batch, RecordSource
+from kinesis_butler.retrieval.budget import ByteBudget, record_cost
+
+__all__ = ["FanOutSource", "ShardSubscriber"]
+
+log = logging.getLogger("kinesis_butler.retrieval")
+
+_MIN_RESUBSCRIBE = 1.0  # SubscribeToShard: one call per second per consumer and shard
+_IN_USE_BACKOFF = 5.0  # a subscription younger than 5 s refuses a new one
+
+
+class _ChildShard(Protocol):
+    @property
+    def shard_id(self) -> str: ...
+
+    @property
+    def parent_shards(self) -> Sequence[str]: ...
+
+
+class _Event(Protocol):
+    @property
+    def records(self) -> list[Record]: ...
+
+    @property
+    def continuation_sequence_number(self) -> str | None: ...
+
+    @property
+    def millis_behind_latest(self) -> int: ...
+
+    @property
+    def child_shards(self) -> Sequence[_ChildShard]: ...
+
+
+class ShardSubscriber(Protocol):
+    """What fan-out needs from Kinesis (KinesisClient satisfies it)."""
+
+    def subscribe_to_shard(
+        self,
+        consumer_arn: str,
+        shard_id: str,
+        starting_position_type: str,
+        *,
+        sequence_number: str | None = None,
+        timestamp: float | None = None,
+    ) -> AbstractAsyncContextManager[AsyncIterator[_Event]]: ...
+
+
+class _Failed:
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class FanOutSource:
+    """Reads one shard through an enhanced fan-out consumer. See the module docstring."""
+
+    def __init__(
+        self,
+        client: ShardSubscriber,
+        stream: str,
+        shard_id: str,
+        *,
+        consumer_arn: str,
+        config: ConsumerConfig,
+        start_position: StartPosition,
+        budget: ByteBudget | None = None,
+        hash_range: tuple[int, int] | None = None,
+        fallback: Callable[[], RecordSource] | None = None,
+    ) -> None:
+        self._client = client
+        self._stream = stream
+        self._shard_id = shard_id
+        self._consumer_arn = consumer_arn
+        self._config = config
+        self._start_position = start_position
+        self._budget = budget or ByteBudget(config.prefetch_budget_bytes)
+        self._fallback = fallback
+        self._queue: asyncio.Queue[tuple[Batch, int] | _Failed | RecordSource] = asyncio.Queue(maxsize=1)
+        self._task: asyncio.Task[None] | None = None
+        self._delegate: RecordSource | None = None
+        self._delivery = Delivery(stream, shard_id, hash_range)
+        self._held = 0
+        self._registered = False
+        self.subscriptions = 0  # SubscribeToShard calls that succeeded (for tests and metrics)
+
+    async def start(self, checkpoint: ExtendedSequenceNumber) -> None:
+        if self._task is not None:
+            raise RuntimeError("FanOutSource.start() called twice")
+        self._budget.register()
+        self._registered = True
+        self._task = asyncio.create_task(self._run(checkpoint), name=f"fanout-{self._shard_id}")
+
+    async def next_batch(self) -> Batch:
+        if self._task is None:
+            raise RuntimeError("FanOutSource.next_batch() before start()")
+        if self._delegate is not None:
+            return await self._delegate.next_batch()
+        self._budget.release(self._held)
+        self._held = 0
+        item = await self._queue.get()
+        if isinstance(item, _Failed):
+            raise item.error
+        if not isinstance(item, tuple):  # switched to polling
+            self._delegate = item
+            return await item.next_batch()
+        batch, self._held = item
+        return batch
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        held, self._held = self._held, 0
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, tuple):
+                held += item[1]
+            elif not isinstance(item, _Failed):
+                self._delegate = item
+        self._budget.release(held)
+        if self._registered:
+            self._registered = False
+            self._budget.unregister()
+        if self._delegate is not None:
+            await self._delegate.aclose()
+
+    # -- the subscription task ---------------------------------------------------------------
+    async def _run(self, checkpoint: ExtendedSequenceNumber) -> None:
+        try:
+            await self._subscribe_forever(checkpoint)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            if self._fallback is not None and isinstance(exc, ButlerError):
+                resume = self._delivery.last or checkpoint
+                log.warning(
+                    "shard %s: enhanced fan-out unavailable (%s); polling from %s",
+                    self._shard_id,
+                    exc,
+                    resume,
+                )
+                source = self._fallback()
+                await source.start(resume)
+                await self._queue.put(source)
+                return
+            await self._queue.put(_Failed(exc))
+
+    def _position(self, checkpoint: ExtendedSequenceNumber) -> tuple[str, dict[str, object]]:
+        start = self._start_position
+        if checkpoint.is_sentinel:
+            if start.sequence_number is not None:
+                return start.kind.value, {"sequence_number": start.sequence_number}
+            if checkpoint.sequence == "AT_TIMESTAMP":
+                return "AT_TIMESTAMP", {"timestamp": start.timestamp or 0.0}
+            return checkpoint.sequence, {}
+        self._delivery.resume_after(checkpoint)
+        return "AT_SEQUENCE_NUMBER", {"sequence_number": checkpoint.sequence}
+
+    async def _subscribe_forever(self, checkpoint: ExtendedSequenceNumber) -> None:
+        loop = asyncio.get_running_loop()
+        kind, kwargs = self._position(checkpoint)
+        failures = 0
+        last_subscribe = -_MIN_RESUBSCRIBE
+        while True:
+            pause = last_subscribe + _MIN_RESUBSCRIBE - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            last_subscribe = loop.time()
+            try:
+                async with self._client.subscribe_to_shard(
+                    self._consumer_arn,
+                    self._shard_id,
+                    kind,
+                    **kwargs,  # type: ignore[arg-type]
+                ) as events:
+                    self.subscriptions += 1
+                    async for event in events:
+                        failures = 0
+                        continuation = event.continuation_sequence_number
+                        await self._emit(event)
+                        if continuation is None:
+                            return  # shard end, queued by _emit
+                        kind, kwargs = "AFTER_SEQUENCE_NUMBER", {"sequence_number": continuation}
+            except ButlerError as exc:
+                if not exc.retriable and not isinstance(exc, ResourceInUse):
+                    raise
+                failures += 1
+                delay = self._backoff(failures, exc)
+                log.info(
+                    "shard %s: subscription failed (%s); resubscribing in %.1f s", self._shard_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            log.debug("shard %s: subscription ended; resubscribing %s %s", self._shard_id, kind, kwargs)
+
+    def _backoff(self, failures: int, exc: ButlerError) -> float:
+        base = _IN_USE_BACKOFF if isinstance(exc, ResourceInUse) else self._config.min_poll_interval
+        return base / 2 + random.uniform(0, min(30.0, base * 2 ** (failures - 1)))
+
+    async def _emit(self, event: _Event) -> None:
+        records = self._delivery.prepare(event.records)
+        end = event.continuation_sequence_number is None
+        if not records and not end:
+            return
+        cost = record_cost(records)
+        granted = await self._budget.acquire(cost, minimum=cost) if cost else 0
+        children = event.child_shards if end else ()
+        batch = Batch(
+            records,
+            event.millis_behind_latest,
+            shard_end=end,
+            child_shard_ids=tuple(child.shard_id for child in children),
+            child_parents=tuple((c.shard_id, tuple(c.parent_shards)) for c in children),
+        )
+        try:
+            await self._queue.put((batch, granted))
+        except BaseException:
+            self._budget.release(granted)
+            raise
