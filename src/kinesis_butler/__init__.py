@@ -25,6 +25,7 @@ from kinesis_butler.errors import (
     Throttled,
 )
 from kinesis_butler.models import ExtendedSequenceNumber, InitialPosition, Lease, Record, Shard, StartPosition
+from kinesis_butler.parallel import ordered_parallel
 from kinesis_butler.processor import (
     Checkpointer,
     InitializationInput,
@@ -79,4 +80,5 @@ __all__ = [
     "Throttled",
     "__version__",
     "open_store",
+    "ordered_parallel",
 ]

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 
 from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.consumer import AsyncConsumer
-from kinesis_butler.errors import ButlerError
+from kinesis_butler.errors import ButlerError, ConfigError
 from kinesis_butler.models import StartPosition
+from kinesis_butler.parallel import ordered_parallel
 from kinesis_butler.processor import import_processor
 from kinesis_butler.progress import ProgressBar
 from kinesis_butler.testing.emulator import KinesisEmulator
@@ -48,6 +49,29 @@ def _parser() -> argparse.ArgumentParser:
     consume.add_argument(
         "--start-at", default="trim_horizon", help="trim_horizon | latest | at_timestamp:ISO8601"
     )
+    consume.add_argument(
+        "--start-at-shard",
+        action="append",
+        default=[],
+        metavar="SHARD=POSITION",
+        help="a per-shard start for a shard with no checkpoint (repeatable); POSITION may also be "
+        "at_sequence_number:N or after_sequence_number:N; SHARD may be STREAM/SHARD",
+    )
+    consume.add_argument(
+        "--fanout",
+        action="store_true",
+        help="read through enhanced fan-out (a registered stream consumer, SubscribeToShard); "
+        "falls back to polling where unavailable",
+    )
+    consume.add_argument(
+        "--fanout-consumer", help="the stream consumer's name with --fanout (default: the app name)"
+    )
+    consume.add_argument(
+        "--read-quota-share",
+        type=float,
+        default=1.0,
+        help="the part of each shard's 5 reads/s and 2 MiB/s this app uses (0.5 each for two apps)",
+    )
     consume.add_argument("--endpoint-url", help="Kinesis endpoint override (e.g. the local emulator)")
     consume.add_argument("--region", help="AWS region (default: the AWS config chain)")
     consume.add_argument("--worker-id", help="this worker's id in the lease table (default host:pid:random)")
@@ -56,6 +80,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     consume.add_argument(
         "--max-attempts", type=int, default=5, help="processor attempts per batch before the shard stops"
+    )
+    consume.add_argument(
+        "--per-record",
+        action="store_true",
+        help="the processor is a function of one record: keys run concurrently, each key in order "
+        "(--max-attempts then counts per record; see docs/parallel.md)",
+    )
+    consume.add_argument(
+        "--concurrency", type=int, help="with --per-record: records handled at once per shard (default 16)"
     )
     consume.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -98,11 +131,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _shard_starts(values: list[str]) -> dict[str, StartPosition]:
+    starts: dict[str, StartPosition] = {}
+    for value in values:
+        shard, sep, position = value.partition("=")
+        if not sep or not shard.strip():
+            raise ConfigError(
+                f"--start-at-shard {value!r}: expected SHARD=POSITION "
+                "(example: shardId-000000000001=after_sequence_number:4959...)"
+            )
+        starts[shard.strip()] = StartPosition.parse(position)
+    return starts
+
+
 async def _consume(args: argparse.Namespace) -> int:
     sys.path.insert(0, "")  # so `--processor mymodule:func` finds modules in the current directory
     start = StartPosition.parse(args.start_at)
     processor = import_processor(args.processor)
-    config = ConsumerConfig(failover_time=args.failover_time, processor_max_attempts=args.max_attempts)
+    if args.concurrency is not None and not args.per_record:
+        raise ConfigError("--concurrency needs --per-record")
+    if args.per_record:
+        processor = ordered_parallel(
+            processor,  # type: ignore[arg-type]  # checked by ordered_parallel: a function of a record
+            concurrency=16 if args.concurrency is None else args.concurrency,
+            max_attempts=args.max_attempts,
+        )
+    config = ConsumerConfig(
+        failover_time=args.failover_time,
+        processor_max_attempts=args.max_attempts,
+        read_quota_share=args.read_quota_share,
+        retrieval="fanout" if args.fanout else "polling",
+        fanout_consumer_name=args.fanout_consumer,
+    )
+    if args.fanout_consumer is not None and not args.fanout:
+        raise ConfigError("--fanout-consumer needs --fanout")
     progress = None if args.quiet else ProgressBar(None)
     consumer = AsyncConsumer(
         args.stream[0] if len(args.stream) == 1 else args.stream,
@@ -110,6 +172,7 @@ async def _consume(args: argparse.Namespace) -> int:
         processor,
         store=args.store,
         start_at=start,
+        shard_start_at=_shard_starts(args.start_at_shard),
         region=args.region,
         endpoint_url=args.endpoint_url,
         worker_id=args.worker_id,

@@ -321,20 +321,20 @@ class ShardConsumer:
                 break
             except (LeaseLost, asyncio.CancelledError):
                 raise
+            except ProcessorFailed as exc:  # the processor retried on its own and gave up: final
+                await self._fail(exc)
+                return
             except Exception as exc:  # noqa: BLE001 - any processor error means: retry the batch
                 if attempt >= self._config.processor_max_attempts:
-                    self.error = ProcessorFailed(
+                    error = ProcessorFailed(
                         f"processor failed {attempt} times on shard {self.shard_id} "
                         f"at {records[0].sequence_number}; "
                         f"the shard is stopped (last error: {type(exc).__name__}: {exc})",
                         shard_id=self.shard_id,
                         attempts=attempt,
                     )
-                    self.error.__cause__ = exc
-                    log.error("%s", self.error)  # noqa: TRY400 - the message carries the cause
-                    self._move(ShardState.FAILED)
-                    self._coordinator.refuse(self.held.key)
-                    await self._coordinator.release(self.held)
+                    error.__cause__ = exc
+                    await self._fail(error)
                     return
                 delay = random.uniform(
                     0,
@@ -358,12 +358,23 @@ class ShardConsumer:
         if self._on_batch is not None:
             self._on_batch(self.shard_id, len(records))
 
+    async def _fail(self, error: ProcessorFailed) -> None:
+        self.error = error
+        log.error("%s", error)
+        self._move(ShardState.FAILED)
+        self._coordinator.refuse(self.held.key)
+        await self._coordinator.release(self.held)
+
     async def _shard_ended(self, child_parents: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         self._move(ShardState.SHARD_ENDED)
         self.checkpointer.at_shard_end = True
-        await call_maybe_async(
-            self._processor.shard_ended, ShardEndedInput(self.shard_id, self.stream, self.checkpointer)
-        )
+        try:
+            await call_maybe_async(
+                self._processor.shard_ended, ShardEndedInput(self.shard_id, self.stream, self.checkpointer)
+            )
+        except ProcessorFailed as exc:  # records of the shard were not processed: no SHARD_END
+            await self._fail(exc)
+            return
         if getattr(self._processor, "explicit_checkpoints", False) and not self.checkpointer.caught_up:
             # The user had not checkpointed every record when we were asked to stop: leave the
             # shard open in the table, so whoever takes it reads the unconfirmed tail again.
@@ -397,6 +408,9 @@ class ShardConsumer:
                 )
         except LeaseLost:
             raise
+        except ProcessorFailed as exc:  # the processor gave up on a record: report it, release
+            self.error = exc
+            log.error("%s", exc)  # noqa: TRY400 - the message carries the cause
         except Exception:
             log.exception("shard %s: shutdown_requested callback raised", self.shard_id)
         try:

@@ -83,6 +83,56 @@ async def test_consume_checkpoints_and_exits_cleanly_on_sigterm(
     assert owners == {None}
 
 
+PER_RECORD = textwrap.dedent(
+    """
+    import asyncio, json, os
+
+    async def handle(record):
+        await asyncio.sleep(0.001)
+        with open(os.environ["OUT"], "a") as out:
+            n = json.loads(record.data)["n"]
+            out.write(f"{record.shard_id} {record.sequence_number} {record.partition_key} {n}\\n")
+    """
+)
+
+
+async def test_consume_per_record_keeps_key_order_and_checkpoints_the_last_records(
+    kinesis: KinesisClient, kinesis_endpoint: str, new_stream: StreamFactory, tmp_path: Path
+) -> None:
+    stream = await new_stream(2)
+    await put_numbers(kinesis, stream, 0, 300, keys=40)
+    (tmp_path / "perrecord.py").write_text(PER_RECORD)
+    out = tmp_path / "out.txt"
+    process = _cli(
+        "consume", "--stream", stream, "--app", "cli-app", "--processor", "perrecord:handle",
+        "--per-record", "--concurrency", "8", "--store", "sqlite:///leases.db",
+        "--endpoint-url", kinesis_endpoint, "--region", "us-east-1", "--quiet",
+        cwd=tmp_path, env={"OUT": str(out)},
+    )  # fmt: skip
+    try:
+        await asyncio.to_thread(
+            wait_until_sync,
+            lambda: out.exists() and len(out.read_text().splitlines()) >= 300,
+            timeout=60,
+            what="300 records handled one by one",
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+    assert process.returncode == 0, stderr
+    lines = [line.split() for line in out.read_text().splitlines()]
+    assert sorted(int(n) for *_, n in lines) == list(range(300))
+    by_key: dict[str, list[int]] = {}
+    for _, _, key, n in lines:
+        by_key.setdefault(key, []).append(int(n))
+    assert all(ns == sorted(ns) for ns in by_key.values())
+    last = {shard: max((seq for s, seq, *_ in lines if s == shard), key=int) for shard, *_ in lines}
+    with sqlite3.connect(tmp_path / "leases.db") as db:
+        rows = dict(db.execute("SELECT lease_key, checkpoint FROM leases WHERE app = 'cli-app'").fetchall())
+    db.close()
+    assert rows == last
+
+
 NO_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": UNSET,
     "AWS_SECRET_ACCESS_KEY": UNSET,
@@ -103,8 +153,18 @@ NO_CREDENTIALS = {
         ("unknown stream", {"--stream": "no-such-stream"}, {}, "stream 'no-such-stream' does not exist"),
         ("bad processor", {"--processor": "nosuchmodule:handle"}, {}, "cannot import module 'nosuchmodule'"),
         ("malformed processor", {"--processor": "nocolon"}, {}, "expected 'package.module:function'"),
+        ("concurrency alone", {"--concurrency": "4"}, {}, "--concurrency needs --per-record"),
         ("bad store url", {"--store": "mysql://u:hunter2@db/x"}, {}, "lease store URL"),
         ("bad start", {"--start-at": "yesterday"}, {}, "invalid start position 'yesterday'"),
+        ("shard start no =", {"--start-at-shard": "shardId-0"}, {}, "expected SHARD=POSITION"),
+        (
+            "shard start bad seq",
+            {"--start-at-shard": "shardId-0=after_sequence_number:x"},
+            {},
+            "'x' is not a sequence number",
+        ),
+        ("stream-wide sequence", {"--start-at": "at_sequence_number:1"}, {}, "per shard"),
+        ("bad quota share", {"--read-quota-share": "2"}, {}, "read_quota_share must be within (0, 1]"),
         ("no credentials", {}, NO_CREDENTIALS, "credentials"),
         ("unreachable endpoint", {"--endpoint-url": "http://127.0.0.1:{free}"}, {}, "127.0.0.1"),
     ],

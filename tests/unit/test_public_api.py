@@ -14,6 +14,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "RecordProcessorBase",
         "LeaseLost",
         "open_store",
+        "ordered_parallel",
     } <= exported
     for name in exported:
         assert hasattr(kinesis_butler, name), name
@@ -36,6 +37,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "progress",
         "streams",
         "iteration",
+        "parallel",
     }
     assert public - modules == exported - {"__version__"}
 
