@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 
 from kinesis_butler import AsyncConsumer, ConsumerConfig
-from kinesis_butler.errors import ConfigError, ServiceUnavailable, Throttled
+from kinesis_butler.errors import AwsError, ConfigError, ServiceUnavailable, Throttled
 from kinesis_butler.models import TRIM_HORIZON, ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval.budget import ByteBudget, process_budget, record_cost
 from kinesis_butler.retrieval.kpl import partition_key_hash
@@ -163,6 +163,80 @@ def test_throttling_backs_off_with_jitter_and_loses_nothing() -> None:
     assert len(got) == 50
     times = [at for at, _, _ in fake.read_log]
     assert times[0] > 0.2  # seven failures cost backoff time before the first answer
+
+
+def test_storms_of_throttling_and_5xx_answers_are_ridden_out() -> None:
+    fake = FakeKinesis()
+    fake.create_stream("s", 1)
+    _fill(fake, "s", 20)
+    for i in range(40):
+        error = Throttled if i % 2 else ServiceUnavailable
+        fake.fail_next("get_records", error("storm", operation="GetRecords"))
+
+    async def main() -> tuple[list[Record], float]:
+        source = PollingSource(fake, "s", "shardId-000000000000", CONFIG, StartPosition())
+        await source.start(TRIM_HORIZON)
+        got = await _drain(source, 20)
+        await source.aclose()
+        return got, asyncio.get_running_loop().time()
+
+    got, elapsed = run_simulation(main, seed=5)
+    assert len(got) == 20
+    assert elapsed < 40 * 5.0  # each back-off is capped at 5 s
+
+
+def test_a_few_unreadable_answers_are_retried_and_more_are_reported() -> None:
+    def malformed() -> AwsError:
+        return AwsError("malformed GetRecords response", operation="GetRecords", code="MalformedResponse")
+
+    fake = FakeKinesis()
+    fake.create_stream("s", 1)
+    _fill(fake, "s", 5)
+    for _ in range(4):
+        fake.fail_next("get_records", malformed())
+
+    async def recovers() -> int:
+        source = PollingSource(fake, "s", "shardId-000000000000", CONFIG, StartPosition())
+        await source.start(TRIM_HORIZON)
+        got = await _drain(source, 5)
+        await source.aclose()
+        return len(got)
+
+    assert run_simulation(recovers) == 5
+    for _ in range(5):
+        fake.fail_next("get_records", malformed())
+
+    async def gives_up() -> str:
+        source = PollingSource(fake, "s", "shardId-000000000000", CONFIG, StartPosition())
+        await source.start(TRIM_HORIZON)
+        try:
+            await source.next_batch()
+        except AwsError as exc:
+            return str(exc)
+        finally:
+            await source.aclose()
+        return "no error"
+
+    message = run_simulation(gives_up)
+    assert "shardId-000000000000: 5 GetRecords answers in a row could not be read" in message
+
+
+def test_records_larger_than_the_whole_budget_still_flow_one_at_a_time() -> None:
+    fake = FakeKinesis()
+    fake.create_stream("s", 1)
+    _fill(fake, "s", 6, size=3 * 1024 * 1024)
+
+    async def main() -> tuple[int, int]:
+        budget = ByteBudget(1024 * 1024)
+        source = PollingSource(fake, "s", "shardId-000000000000", CONFIG, StartPosition(), budget=budget)
+        await source.start(TRIM_HORIZON)
+        got = await _drain(source, 6)
+        await source.aclose()
+        return len(got), budget.high_water
+
+    count, high_water = run_simulation(main)
+    assert count == 6
+    assert high_water <= 2 * (3 * 1024 * 1024 + 400)  # the batch in hand and at most one fetched
 
 
 def test_idle_polling_backs_off_but_delivers_within_one_idle_interval() -> None:

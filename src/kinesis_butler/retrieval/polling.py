@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import ButlerError, ExpiredIterator, Throttled
+from kinesis_butler.errors import AwsError, ButlerError, ExpiredIterator, Throttled
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval._delivery import Delivery
 from kinesis_butler.retrieval.base import Batch
@@ -76,7 +76,10 @@ class ShardReader(Protocol):
     async def get_records(self, shard_iterator: str, *, limit: int | None = None) -> _GetRecordsResult: ...
 
 
-_INITIAL_RECORD_COST = 64 * 1024  # pessimistic until the shard's first answer is measured
+_MAX_MALFORMED = 5  # unreadable answers in a row before the shard is reported failed
+# Until a shard's answers are measured, assume the largest record Kinesis allows, so the first
+# call's Limit cannot overshoot the grant however large the records are.
+_INITIAL_RECORD_COST = 1024 * 1024 + _OVERHEAD
 
 
 class _Failed:
@@ -258,8 +261,19 @@ class PollingSource:
                 not_before = started + config.min_poll_interval
 
     def _back_off(self, exc: BaseException, failures: int, pacer: ShardPacer) -> None:
-        """Re-raise what retrying cannot fix; otherwise hold every reader of the shard off."""
-        if not isinstance(exc, ButlerError) or not exc.retriable:
+        """Re-raise what retrying cannot fix; otherwise hold every reader of the shard off.
+
+        A 2xx answer we cannot parse (truncated by a proxy or a broken connection) is retried a
+        few times, then reported: a body that never parses is not worth a crash loop."""
+        malformed = isinstance(exc, AwsError) and exc.code == "MalformedResponse"
+        if malformed and failures >= _MAX_MALFORMED:
+            raise AwsError(
+                f"shard {self._shard_id}: {failures} GetRecords answers in a row could not be read; "
+                f"giving up (last: {exc})",
+                operation="GetRecords",
+                code="MalformedResponse",
+            ) from exc
+        if not malformed and (not isinstance(exc, ButlerError) or not exc.retriable):
             raise exc
         pause = self._backoff(failures)
         pacer.hold_off(pause)
@@ -275,7 +289,10 @@ class PollingSource:
         if raw:
             cost = record_cost(raw)
             pacer.received(started, cost - _OVERHEAD * len(raw))
-            self._record_cost = (self._record_cost + cost / len(raw)) / 2
+            measured = cost / len(raw)  # up at once, down halfway per answer: memory comes first
+            self._record_cost = (
+                measured if measured > self._record_cost else (self._record_cost + measured) / 2
+            )
         records = self._delivery.prepare(raw)
         if records is not raw:
             cost = record_cost(records)

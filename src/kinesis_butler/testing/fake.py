@@ -223,6 +223,12 @@ class FakeKinesis:
             self._check_read_quota(shard_id, now)
         index = int(raw_index)
         end = min(len(entry.records), index + (limit or 10_000))
+        size = 0
+        for position in range(index, end):  # Kinesis answers at most 10 MiB (at least one record)
+            size += len(entry.records[position].data)
+            if size > 10 * 1024 * 1024 and position > index:
+                end = position
+                break
         self.read_log.append(
             (now, shard_id, sum(len(r.data) + len(r.partition_key) for r in entry.records[index:end]))
         )
