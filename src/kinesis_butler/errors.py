@@ -17,8 +17,10 @@ that flag rather than lists of types.
     │   ├── ExpiredIterator           the shard iterator is older than 5 minutes       (retriable)
     │   ├── Throttled                 ProvisionedThroughputExceeded, LimitExceeded, ... (retriable)
     │   ├── ServiceUnavailable        5xx from the service                              (retriable)
-    │   └── ConditionalCheckFailed    a DynamoDB conditional write lost
+    │   ├── ConditionalCheckFailed    a DynamoDB conditional write lost
+    │   └── EventStreamError          a SubscribeToShard event stream was malformed or cut short (retriable)
     ├── EndpointUnreachable           could not connect / timed out (retriable)
+    │   └── ConnectionLost            an open connection or stream broke: RST_STREAM, GOAWAY, EOF (retriable)
     ├── CredentialsError              no credentials were found in the botocore chain
     ├── StoreError                    the lease store failed
     │   ├── StoreUnavailable          could not reach the store (retriable)
@@ -122,10 +124,23 @@ class ConditionalCheckFailed(AwsError):
     """A DynamoDB conditional write found the item changed."""
 
 
+class EventStreamError(AwsError):
+    """An event stream (``application/vnd.amazon.eventstream``) was malformed or ended mid-message.
+
+    Retriable: resubscribing from the last continuation sequence number loses nothing.
+    """
+
+    retriable = True
+
+
 class EndpointUnreachable(ButlerError):
     """The endpoint could not be reached (connection refused, DNS, timeout)."""
 
     retriable = True
+
+
+class ConnectionLost(EndpointUnreachable):
+    """An established connection or stream broke: reset by the server, GOAWAY, EOF, or silence."""
 
 
 class CredentialsError(ButlerError):

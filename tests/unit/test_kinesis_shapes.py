@@ -395,8 +395,12 @@ def test_aws_package_exports() -> None:
             "PutRecordsResult",
             "PutRecordsResultEntry",
             "ShardFilter",
+            "ShardSubscription",
             "SigV4Signer",
+            "StreamConsumer",
             "StreamSummary",
+            "StreamingOptions",
+            "SubscribeToShardEvent",
             "Transport",
             "TransportOptions",
         ]

@@ -15,9 +15,13 @@ from kinesis_butler.aws.kinesis import (
     PutRecordsResult,
     PutRecordsResultEntry,
     ShardFilter,
+    ShardSubscription,
+    StreamConsumer,
     StreamSummary,
+    SubscribeToShardEvent,
 )
 from kinesis_butler.aws.signer import SigV4Signer
+from kinesis_butler.aws.streaming import StreamingOptions
 from kinesis_butler.aws.transport import ERROR_CODES, JsonTransport, Transport, TransportOptions
 
 __all__ = [
@@ -34,8 +38,12 @@ __all__ = [
     "PutRecordsResult",
     "PutRecordsResultEntry",
     "ShardFilter",
+    "ShardSubscription",
     "SigV4Signer",
+    "StreamConsumer",
     "StreamSummary",
+    "StreamingOptions",
+    "SubscribeToShardEvent",
     "Transport",
     "TransportOptions",
 ]

@@ -8,12 +8,13 @@ straight into :class:`kinesis_butler.models.Record` with a decoder built once at
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import msgspec
 
 from kinesis_butler.aws._client import JsonServiceClient, wait_until_active
 from kinesis_butler.aws.credentials import AwsCredentials, CredentialsProvider
+from kinesis_butler.aws.kinesis_fanout import FanOutOperations, ShardSubscription, check_starting_position
 from kinesis_butler.aws.kinesis_shapes import (
     ChildShard,
     GetRecordsResult,
@@ -23,7 +24,9 @@ from kinesis_butler.aws.kinesis_shapes import (
     PutRecordsResult,
     PutRecordsResultEntry,
     ShardFilter,
+    StreamConsumer,
     StreamSummary,
+    SubscribeToShardEvent,
     _CreateStreamInput,
     _DeleteStreamInput,
     _DescribeStreamSummaryOutput,
@@ -41,8 +44,9 @@ from kinesis_butler.aws.kinesis_shapes import (
     _UpdateShardCountInput,
     _WireShard,
 )
-from kinesis_butler.aws.transport import Transport, TransportOptions
-from kinesis_butler.errors import AwsError, ConfigError
+from kinesis_butler.aws.kinesis_shapes import decode_response as _decode
+from kinesis_butler.aws.streaming import StreamingHttpClient, StreamingOptions
+from kinesis_butler.aws.transport import JsonTransport, Transport, TransportOptions
 from kinesis_butler.models import Shard
 
 __all__ = [
@@ -55,11 +59,13 @@ __all__ = [
     "PutRecordsResult",
     "PutRecordsResultEntry",
     "ShardFilter",
+    "ShardSubscription",
+    "StreamConsumer",
     "StreamSummary",
+    "SubscribeToShardEvent",
 ]
 
 _TARGET_PREFIX: Final = "Kinesis_20131202"
-_T = TypeVar("_T")
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -70,18 +76,9 @@ _iterator_decoder: Final = msgspec.json.Decoder(_GetShardIteratorOutput)
 _put_records_decoder: Final = msgspec.json.Decoder(PutRecordsResult)
 _put_record_decoder: Final = msgspec.json.Decoder(PutRecordResult)
 
-_SEQUENCE_TYPES: Final = frozenset({"AT_SEQUENCE_NUMBER", "AFTER_SEQUENCE_NUMBER"})
-_ITERATOR_TYPES: Final = frozenset({*_SEQUENCE_TYPES, "TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"})
 
-
-def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes, operation: str) -> _T:
-    try:
-        return decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        # A 2xx with a body we cannot read: a proxy, a truncated answer or an emulator bug.
-        raise AwsError(
-            f"malformed {operation} response: {exc}", operation=operation, code="MalformedResponse"
-        ) from exc
+def _decode_get_records(raw: bytes | memoryview) -> _GetRecordsOutput:
+    return _decode(_get_records_decoder, raw, "GetRecords")  # type: ignore[arg-type]  # any buffer
 
 
 def _to_shard(wire: _WireShard) -> Shard:
@@ -96,8 +93,11 @@ def _to_shard(wire: _WireShard) -> Shard:
     )
 
 
-class KinesisClient(JsonServiceClient):
+class KinesisClient(FanOutOperations, JsonServiceClient):
     """An async client for the Kinesis Data Streams operations kinesis-butler uses.
+
+    The enhanced fan-out operations (consumers, SubscribeToShard) come from
+    :class:`~kinesis_butler.aws.kinesis_fanout.FanOutOperations`.
 
     Example:
         >>> async with KinesisClient(region="us-east-1") as kinesis:
@@ -118,6 +118,7 @@ class KinesisClient(JsonServiceClient):
         profile: str | None = None,
         transport_options: TransportOptions | None = None,
         transport: Transport | None = None,
+        streaming_options: StreamingOptions | None = None,
     ) -> None:
         """Create a client. No connection is made until the first call.
 
@@ -129,6 +130,7 @@ class KinesisClient(JsonServiceClient):
             profile: a shared-config profile for the chain (not with ``credentials``).
             transport_options: timeouts, retries and pool size.
             transport: a ready transport (tests); the other arguments are then ignored.
+            streaming_options: how SubscribeToShard connects (HTTP/2, TLS trust, timeouts).
 
         Raises:
             ConfigError: no region is configured, or both ``credentials`` and ``profile`` given.
@@ -141,6 +143,12 @@ class KinesisClient(JsonServiceClient):
             transport_options=transport_options,
             transport=transport,
         )
+        self._streaming = StreamingHttpClient(streaming_options)
+
+    async def aclose(self) -> None:
+        """Close every connection, subscriptions included. Idempotent; the client cannot be reused."""
+        await self._streaming.aclose()
+        await super().aclose()
 
     async def _call(self, operation: str, request: Any, *, max_attempts: int | None = None) -> bytes:
         return await self._transport.call(operation, _encoder.encode(request), max_attempts=max_attempts)
@@ -220,17 +228,7 @@ class KinesisClient(JsonServiceClient):
             ConfigError: the type is unknown or its sequence number / timestamp is missing.
             ResourceNotFound: the stream or shard does not exist.
         """
-        if iterator_type not in _ITERATOR_TYPES:
-            raise ConfigError(
-                f"unknown shard iterator type {iterator_type!r}: "
-                f"use one of {', '.join(sorted(_ITERATOR_TYPES))}"
-            )
-        if (iterator_type in _SEQUENCE_TYPES) != (sequence_number is not None):
-            raise ConfigError(
-                "a sequence_number is required with AT/AFTER_SEQUENCE_NUMBER and only with them"
-            )
-        if (iterator_type == "AT_TIMESTAMP") != (timestamp is not None):
-            raise ConfigError("a timestamp is required with AT_TIMESTAMP and only with it")
+        check_starting_position(iterator_type, sequence_number, timestamp)
         request = _GetShardIteratorInput(
             stream_name=stream,
             shard_id=shard_id,
@@ -259,10 +257,16 @@ class KinesisClient(JsonServiceClient):
             ExpiredIterator: the iterator is older than 5 minutes (never retried here).
             Throttled: the shard's read quota stayed exceeded through every retry.
         """
-        raw = await self._transport.call(
-            "GetRecords", _encoder.encode(_GetRecordsInput(shard_iterator, limit)), max_attempts=max_attempts
-        )
-        wire = _decode(_get_records_decoder, raw, "GetRecords")
+        request = _encoder.encode(_GetRecordsInput(shard_iterator, limit))
+        transport = self._transport
+        if isinstance(transport, JsonTransport):
+            # Decoded straight from the transport's reused read buffer: no per-call copy of a
+            # multi-megabyte answer (the page faults of that cost as much as the decode).
+            wire = await transport.call_decoded(
+                "GetRecords", request, _decode_get_records, max_attempts=max_attempts
+            )
+        else:
+            wire = _decode_get_records(await transport.call("GetRecords", request, max_attempts=max_attempts))
         return GetRecordsResult(
             wire.records or [], wire.next_shard_iterator, wire.millis_behind_latest, wire.child_shards or []
         )

@@ -7,8 +7,11 @@ cheap. ``Record`` itself lives in :mod:`kinesis_butler.models`.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 
+from kinesis_butler.errors import AwsError
 from kinesis_butler.models import Record, Shard
 
 __all__ = [
@@ -20,8 +23,23 @@ __all__ = [
     "PutRecordsResult",
     "PutRecordsResultEntry",
     "ShardFilter",
+    "StreamConsumer",
     "StreamSummary",
+    "SubscribeToShardEvent",
+    "decode_response",
 ]
+
+_T = TypeVar("_T")
+
+
+def decode_response(decoder: msgspec.json.Decoder[_T], raw: bytes, operation: str) -> _T:
+    """Decode a 2xx body; a body we cannot read (a proxy, a truncated answer) raises ``AwsError``."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise AwsError(
+            f"malformed {operation} response: {exc}", operation=operation, code="MalformedResponse"
+        ) from exc
 
 
 def _wire_name(name: str) -> str:
@@ -200,6 +218,47 @@ class StreamSummary(msgspec.Struct, frozen=True):
     encryption_type: str | None = None
 
 
+class StreamConsumer(msgspec.Struct, frozen=True):
+    """An enhanced fan-out consumer registered on a stream.
+
+    Attributes:
+        consumer_name: the name, unique per stream.
+        consumer_arn: the ARN SubscribeToShard takes (it ends with the creation epoch).
+        consumer_status: ``CREATING``, ``ACTIVE`` or ``DELETING``; subscribe only when ``ACTIVE``.
+        consumer_creation_timestamp: epoch seconds.
+        stream_arn: the stream it reads.
+    """
+
+    consumer_name: str
+    consumer_arn: str
+    consumer_status: str
+    consumer_creation_timestamp: float
+    stream_arn: str
+
+
+class SubscribeToShardEvent(msgspec.Struct):
+    """One event of a SubscribeToShard subscription.
+
+    Attributes:
+        records: the records, oldest first, ``data`` already base64-decoded (may be empty:
+            the service sends events while the shard is idle too).
+        continuation_sequence_number: where to resubscribe (``AFTER_SEQUENCE_NUMBER``) and what
+            to checkpoint; ``None`` once the shard is closed and read to its end.
+        millis_behind_latest: how far the subscription is behind the tip of the shard.
+        child_shards: at shard end, the shards that replaced this one.
+    """
+
+    records: list[Record]
+    continuation_sequence_number: str | None
+    millis_behind_latest: int = 0
+    child_shards: list[ChildShard] = []
+
+    @property
+    def at_shard_end(self) -> bool:
+        """True on the last event of a closed shard: resubscribing to it would return nothing."""
+        return self.continuation_sequence_number is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Wire-only shapes
 # ---------------------------------------------------------------------------------------------
@@ -317,3 +376,71 @@ class _UpdateShardCountInput(_Wire):
     stream_name: str
     target_shard_count: int
     scaling_type: str  # no default: omit_defaults would drop it, and the API requires it
+
+
+class _WireConsumer(_Wire):
+    consumer_name: str
+    consumer_arn: str
+    consumer_status: str
+    consumer_creation_timestamp: float = 0.0
+    stream_arn: str | None = None  # only in DescribeStreamConsumer answers
+
+    def to_consumer(self, stream_arn: str) -> StreamConsumer:
+        return StreamConsumer(
+            consumer_name=self.consumer_name,
+            consumer_arn=self.consumer_arn,
+            consumer_status=self.consumer_status,
+            consumer_creation_timestamp=self.consumer_creation_timestamp,
+            stream_arn=self.stream_arn or stream_arn,
+        )
+
+
+class _RegisterStreamConsumerInput(_Wire):
+    stream_arn: str
+    consumer_name: str
+
+
+class _RegisterStreamConsumerOutput(_Wire):
+    consumer: _WireConsumer
+
+
+class _ConsumerInput(_Wire):
+    """DescribeStreamConsumer and DeregisterStreamConsumer: the ARN, or the stream ARN and name."""
+
+    stream_arn: str | None = None
+    consumer_name: str | None = None
+    consumer_arn: str | None = None
+
+
+class _DescribeStreamConsumerOutput(_Wire):
+    consumer_description: _WireConsumer
+
+
+class _ListStreamConsumersInput(_Wire):
+    stream_arn: str
+    next_token: str | None = None
+    max_results: int | None = None
+
+
+class _ListStreamConsumersOutput(_Wire):
+    consumers: list[_WireConsumer] | None = None
+    next_token: str | None = None
+
+
+class _StartingPosition(_Wire):
+    type: str
+    sequence_number: str | None = None
+    timestamp: float | None = None
+
+
+class _SubscribeToShardInput(_Wire):
+    consumer_arn: str
+    shard_id: str
+    starting_position: _StartingPosition
+
+
+class _WireSubscribeToShardEvent(_Wire):
+    records: list[Record] | None = None
+    continuation_sequence_number: str | None = None
+    millis_behind_latest: int | None = None
+    child_shards: list[ChildShard] | None = None  # kinesis-local sends null
