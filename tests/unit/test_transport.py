@@ -24,6 +24,7 @@ from kinesis_butler.aws import (
     KinesisClient,
     TransportOptions,
 )
+from kinesis_butler.aws.transport import _ReadBuffers
 from kinesis_butler.errors import (
     AccessDenied,
     AwsError,
@@ -47,12 +48,17 @@ CREDS = AwsCredentials("AKIDEXAMPLE", SECRET, TOKEN)
 
 @dataclasses.dataclass
 class Reply:
-    """One scripted answer. ``hang`` holds the request open until the test ends."""
+    """One scripted answer. ``hang`` holds the request open until the test ends; ``chunks``
+    streams the body in that many pieces (chunked encoding, ``pause`` seconds apart); ``cut``
+    closes the connection halfway through a body announced at full length."""
 
     status: int = 200
     body: bytes = b"{}"
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     hang: bool = False
+    chunks: int = 0
+    pause: float = 0.0
+    cut: bool = False
 
 
 def error(
@@ -89,6 +95,24 @@ class ScriptedServer:
         reply = self.script.pop(0) if self.script else Reply()
         if reply.hang:
             await self.release.wait()
+        if reply.cut:
+            response = web.StreamResponse(status=reply.status, headers=reply.headers)
+            response.content_length = len(reply.body)
+            await response.prepare(request)
+            await response.write(reply.body[: len(reply.body) // 2])
+            assert request.transport is not None
+            request.transport.close()
+            return response
+        if reply.chunks:
+            response = web.StreamResponse(status=reply.status, headers=reply.headers)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            size = -(-len(reply.body) // reply.chunks)
+            for start in range(0, len(reply.body), size):
+                await response.write(reply.body[start : start + size])
+                await asyncio.sleep(reply.pause)
+            await response.write_eof()
+            return response
         return web.Response(status=reply.status, body=reply.body, headers=reply.headers)
 
 
@@ -556,3 +580,121 @@ async def test_missing_credentials_fail_fast_without_retries(
     with pytest.raises(CredentialsError):
         await transport.call("ListShards", b"{}")
     assert server.seen == []
+
+
+# -- answers read into reused buffers -------------------------------------------------------------
+
+
+def big_body(fill: int, size: int = 300_000) -> bytes:
+    """A JSON string answer of about ``size`` bytes: several reads on the socket."""
+    return b'"' + bytes([fill]) * size + b'"'
+
+
+async def test_answers_are_decoded_from_a_view_of_one_reused_buffer(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    transport = make_transport()
+    seen: list[tuple[type, object, bytes]] = []
+
+    def decode(view: memoryview) -> bytes:
+        seen.append((type(view), view.obj, bytes(view)))
+        return bytes(view)
+
+    large, small = big_body(ord("a")), b'{"Records":[]}'
+    server.script = [Reply(body=large), Reply(body=small)]
+    assert await transport.call_decoded("GetRecords", b"{}", decode) == large
+    # The second answer is shorter than the buffer: the view holds it and nothing after it.
+    assert await transport.call_decoded("GetRecords", b"{}", decode) == small
+    assert [kind for kind, _, _ in seen] == [memoryview, memoryview]
+    assert seen[0][1] is seen[1][1]  # the same buffer, already grown to the large answer
+    assert len(seen[0][1]) >= len(large)  # type: ignore[arg-type]
+
+
+async def test_chunked_answers_are_read_whole(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    transport = make_transport()
+    body = big_body(ord("c"))
+    server.script = [Reply(body=body, chunks=7)]
+    assert await transport.call("GetRecords", b"{}") == body
+
+
+async def test_concurrent_answers_read_into_different_buffers(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    transport = make_transport()
+    bodies = [big_body(ord("a") + i, 100_000) for i in range(6)]
+    # Streamed slowly in pieces, the six answers arrive interleaved.
+    server.script = [Reply(body=body, chunks=5, pause=0.002) for body in bodies]
+    results = await asyncio.gather(*(transport.call("GetRecords", b"{}") for _ in bodies))
+    assert sorted(results) == sorted(bodies)
+
+
+async def test_a_failed_decode_propagates_unretried_and_the_buffer_is_reused(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    transport = make_transport()
+
+    def broken(view: memoryview) -> None:
+        raise ValueError("cannot decode")
+
+    with pytest.raises(ValueError, match="cannot decode"):
+        await transport.call_decoded("GetRecords", b"{}", broken)
+    assert len(server.seen) == 1
+    server.script = [Reply(body=b'{"ok":1}')]
+    assert await transport.call("GetRecords", b"{}") == b'{"ok":1}'
+    assert len(transport._buffers._free) == 1
+
+
+async def test_a_connection_cut_mid_answer_is_retried(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    transport = make_transport()
+    body = big_body(ord("d"))
+    server.script = [Reply(body=body, cut=True), Reply(body=body)]
+    assert await transport.call("GetRecords", b"{}") == body
+    assert len(server.seen) == 2
+    assert len(transport._buffers._free) == 1  # the half-filled buffer went back and was reused
+
+
+async def test_get_records_decodes_from_the_buffer(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    client = KinesisClient(transport=make_transport())
+    body = msgspec.json.encode(
+        {
+            "Records": [
+                {"SequenceNumber": str(10**55 + i), "Data": "aGVsbG8=", "PartitionKey": f"k{i}"}
+                for i in range(2000)
+            ],
+            "NextShardIterator": "next",
+            "MillisBehindLatest": 7,
+        }
+    )
+    server.script = [Reply(body=body, chunks=4), Reply(body=b'{"Records":[],"NextShardIterator":"n2"}')]
+    first = await client.get_records("it")
+    second = await client.get_records("next")  # reuses, and overwrites, the first answer's buffer
+    assert [r.partition_key for r in first.records] == [f"k{i}" for i in range(2000)]
+    assert {r.data for r in first.records} == {b"hello"}
+    assert (first.next_shard_iterator, first.millis_behind_latest) == ("next", 7)
+    assert (second.records, second.next_shard_iterator) == ([], "n2")
+
+
+def test_read_buffers_keep_a_bounded_few() -> None:
+    buffers = _ReadBuffers(keep=2, largest=1000)
+    taken = [buffers.take() for _ in range(3)]
+    assert len({id(buffer) for buffer in taken}) == 3
+    taken[0].extend(b"x" * 1001)
+    for buffer in taken:
+        buffers.give(buffer)
+    assert buffers._free == [taken[1], taken[2]]  # the oversized one was dropped
+    assert buffers.take() is taken[2]  # the most recently used first
+
+
+async def test_no_accept_or_accept_encoding_is_sent(
+    server: ScriptedServer, make_transport: Callable[..., JsonTransport]
+) -> None:
+    await make_transport().call("ListShards", b"{}")
+    headers = {name.lower() for name in server.seen[0].headers}
+    assert "accept-encoding" not in headers  # identity answers, as botocore asks for
+    assert "accept" not in headers

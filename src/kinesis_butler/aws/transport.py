@@ -5,6 +5,11 @@ raw response bytes of a 2xx answer so each operation decodes them with its own c
 decoder (the GetRecords hot path never builds Python dicts). Error answers become the typed
 errors of :mod:`kinesis_butler.errors`.
 
+2xx answers are read into a few reused buffers (:class:`_ReadBuffers`), and
+:meth:`JsonTransport.call_decoded` decodes straight from one: a GetRecords answer is megabytes,
+and allocating it afresh per call (aiohttp's ``read()`` joins the chunks into a new ``bytes``)
+cost up to as much CPU in page faults as the msgspec decode itself (docs/performance.md).
+
 Retries use full-jitter exponential backoff (``sleep = random() * min(cap, base * 2**attempt)``)
 for retriable errors, 5xx answers and connection failures. ``ExpiredIterator`` is retriable for
 the *caller* (with a new iterator) but retrying the same request cannot succeed, so it is raised
@@ -19,7 +24,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -47,6 +52,7 @@ __all__ = ["ERROR_CODES", "JsonTransport", "Transport", "TransportOptions", "err
 logger = logging.getLogger(__name__)
 
 _USER_AGENT: Final = "kinesis-butler/0.1"
+_T = TypeVar("_T")
 
 #: The short ``__type`` codes and the error each one raises. Unknown codes raise ``AwsError``
 #: (or ``ServiceUnavailable`` with a 5xx status).
@@ -206,6 +212,31 @@ def _full_jitter(attempt: int, base: float, cap: float, rand: Callable[[], float
     return rand() * min(cap, base * (1 << attempt))
 
 
+class _ReadBuffers:
+    """Answer buffers reused across calls, so a multi-megabyte answer lands in memory that is
+    already mapped instead of a fresh allocation (page faults) per call.
+
+    A call borrows one buffer for as long as it reads and decodes its answer; concurrent calls
+    borrow different ones. At most ``keep`` buffers, none larger than ``largest`` bytes, are
+    kept between calls; a buffer grows to the largest answer it held and never shrinks. One
+    transport belongs to one event loop, so no lock is needed.
+    """
+
+    __slots__ = ("_free", "keep", "largest")
+
+    def __init__(self, keep: int = 4, largest: int = 16 << 20) -> None:
+        self._free: list[bytearray] = []
+        self.keep = keep
+        self.largest = largest  # a 10 MiB GetRecords answer is about 14 MB of JSON and base64
+
+    def take(self) -> bytearray:
+        return self._free.pop() if self._free else bytearray()
+
+    def give(self, buffer: bytearray) -> None:
+        if len(self._free) < self.keep and len(buffer) <= self.largest:
+            self._free.append(buffer)
+
+
 class JsonTransport:
     """Sends signed AWS JSON-protocol calls to one service endpoint, with retries.
 
@@ -271,6 +302,7 @@ class JsonTransport:
             total=self.options.total_timeout, sock_connect=self.options.connect_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._buffers = _ReadBuffers()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._state = _State.UNOPENED
 
@@ -298,6 +330,8 @@ class JsonTransport:
                 headers={"User-Agent": _USER_AGENT},
                 # The body is read as bytes and decoded by msgspec; cookies are never used.
                 cookie_jar=aiohttp.DummyCookieJar(),
+                # Like botocore: no Accept header, and identity bodies (no decompression cost).
+                skip_auto_headers=("Accept", "Accept-Encoding"),
                 raise_for_status=False,
                 # GetRecords answers reach 10 MiB; a 64 KiB high-water mark pauses and resumes
                 # the socket dozens of times per answer.
@@ -350,6 +384,52 @@ class JsonTransport:
             EndpointUnreachable: no answer after every attempt (refused, DNS, timeout).
             ClosedError: the transport was closed.
         """
+        return await self.call_decoded(
+            operation, body, bytes, max_attempts=max_attempts, attempt_timeout=attempt_timeout
+        )
+
+    async def call_decoded(
+        self,
+        operation: str,
+        body: bytes,
+        decode: Callable[[memoryview], _T],
+        *,
+        max_attempts: int | None = None,
+        attempt_timeout: float | None = None,
+    ) -> _T:
+        """Send one operation and return ``decode`` of its 2xx answer, read into a reused buffer.
+
+        The answer is never copied into a ``bytes`` of its own: ``decode`` (e.g. a msgspec
+        decoder's ``decode``) gets a ``memoryview`` of a buffer that the next call reuses, so it
+        must copy what it keeps (msgspec does; a ``msgspec.Raw`` field would not) and must not
+        keep the view. Its exceptions propagate unchanged; a failed decode is not retried.
+
+        Args:
+            operation: the API operation, e.g. ``GetRecords``.
+            body: the JSON request body.
+            decode: turns the answer's bytes into the result.
+            max_attempts: this call's attempt budget (defaults to the options'); 1 disables retries.
+            attempt_timeout: this call's per-attempt total timeout in seconds (defaults to the options').
+
+        Returns:
+            What ``decode`` returned.
+
+        Raises:
+            AwsError: the service answered with an error (a typed subclass where known).
+            EndpointUnreachable: no answer after every attempt (refused, DNS, timeout).
+            ClosedError: the transport was closed.
+        """
+        buffer, size = await self._send(operation, body, max_attempts, attempt_timeout)
+        try:
+            with memoryview(buffer) as whole, whole[:size] as answer:
+                return decode(answer)
+        finally:
+            self._buffers.give(buffer)
+
+    async def _send(
+        self, operation: str, body: bytes, max_attempts: int | None, attempt_timeout: float | None
+    ) -> tuple[bytearray, int]:
+        """The retry loop: (a borrowed buffer, the answer's length in it) of the first 2xx."""
         session = self._open_session()
         attempts = self.options.max_attempts if max_attempts is None else max(1, max_attempts)
         client_timeout = (
@@ -392,7 +472,7 @@ class JsonTransport:
         target: str,
         body: bytes,
         client_timeout: aiohttp.ClientTimeout,
-    ) -> bytes:
+    ) -> tuple[bytearray, int]:
         credentials = await self._credentials.aget()
         headers = self._signer.sign(
             credentials,
@@ -406,10 +486,10 @@ class JsonTransport:
             async with session.post(
                 self.endpoint_url, data=body, headers=headers, timeout=client_timeout
             ) as resp:
-                payload = await resp.read()
                 status = resp.status
                 if 200 <= status < 300:
-                    return payload
+                    return await self._read_into_buffer(resp)
+                payload = await resp.read()
                 resp_headers = resp.headers
                 raise error_from_response(
                     operation,
@@ -423,6 +503,37 @@ class JsonTransport:
                 raise ClosedError(f"this client for {self.endpoint_url} was closed") from exc
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             raise _Unreachable(reason) from exc
+
+    async def _read_into_buffer(self, resp: aiohttp.ClientResponse) -> tuple[bytearray, int]:
+        """Copy the answer's chunks, as they arrive, into a borrowed buffer: (buffer, length).
+
+        ``resp.read()`` would keep every chunk until the end and join them into a new ``bytes``.
+        """
+        buffer = self._buffers.take()
+        size = 0
+        try:
+            async for chunk, _ in resp.content.iter_chunks():
+                end = size + len(chunk)
+                buffer[size:end] = chunk  # in place; grows the buffer when it is too short
+                size = end
+        except BaseException:
+            self._buffers.give(buffer)
+            resp.close()  # as resp.read() does: a half-read connection is not reused
+            raise
+        return buffer, size
+
+    async def signed_headers(self, operation: str, body: bytes) -> dict[str, str]:
+        """The signed headers of one ``operation`` request, for calls sent by another client
+        (SubscribeToShard streams over :mod:`kinesis_butler.aws.streaming`)."""
+        credentials = await self._credentials.aget()
+        return self._signer.sign(
+            credentials,
+            host=self._host,
+            target=f"{self._target_prefix}.{operation}",
+            body=body,
+            content_type=self._content_type,
+            path=self._path,
+        )
 
     def _unreachable(self, operation: str, reason: str, attempts: int) -> EndpointUnreachable:
         tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
