@@ -22,7 +22,6 @@ the server. A batch's bytes return to the budget when the processor asks for the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -33,6 +32,7 @@ from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.errors import ButlerError, ResourceInUse
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval._delivery import Delivery
+from kinesis_butler.retrieval._prefetch import ChildShardInfo, PrefetchingSource, end_of_shard
 from kinesis_butler.retrieval.base import Batch, RecordSource
 from kinesis_butler.retrieval.budget import ByteBudget, record_cost
 
@@ -42,14 +42,6 @@ log = logging.getLogger("kinesis_butler.retrieval")
 
 _MIN_RESUBSCRIBE = 1.0  # SubscribeToShard: one call per second per consumer and shard
 _IN_USE_BACKOFF = 5.0  # a subscription younger than 5 s refuses a new one
-
-
-class _ChildShard(Protocol):
-    @property
-    def shard_id(self) -> str: ...
-
-    @property
-    def parent_shards(self) -> Sequence[str]: ...
 
 
 class _Event(Protocol):
@@ -63,7 +55,7 @@ class _Event(Protocol):
     def millis_behind_latest(self) -> int: ...
 
     @property
-    def child_shards(self) -> Sequence[_ChildShard]: ...
+    def child_shards(self) -> Sequence[ChildShardInfo]: ...
 
 
 class ShardSubscriber(Protocol):
@@ -80,14 +72,7 @@ class ShardSubscriber(Protocol):
     ) -> AbstractAsyncContextManager[AsyncIterator[_Event]]: ...
 
 
-class _Failed:
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class FanOutSource:
+class FanOutSource(PrefetchingSource):
     """Reads one shard through an enhanced fan-out consumer. See the module docstring."""
 
     def __init__(
@@ -103,85 +88,28 @@ class FanOutSource:
         hash_range: tuple[int, int] | None = None,
         fallback: Callable[[], RecordSource] | None = None,
     ) -> None:
+        super().__init__(shard_id, budget or ByteBudget(config.prefetch_budget_bytes))
         self._client = client
         self._stream = stream
-        self._shard_id = shard_id
         self._consumer_arn = consumer_arn
         self._config = config
         self._start_position = start_position
-        self._budget = budget or ByteBudget(config.prefetch_budget_bytes)
         self._fallback = fallback
-        self._queue: asyncio.Queue[tuple[Batch, int] | _Failed | RecordSource] = asyncio.Queue(maxsize=1)
-        self._task: asyncio.Task[None] | None = None
-        self._delegate: RecordSource | None = None
         self._delivery = Delivery(stream, shard_id, hash_range)
-        self._held = 0
-        self._registered = False
         self.subscriptions = 0  # SubscribeToShard calls that succeeded (for tests and metrics)
 
-    async def start(self, checkpoint: ExtendedSequenceNumber) -> None:
-        if self._task is not None:
-            raise RuntimeError("FanOutSource.start() called twice")
-        self._budget.register()
-        self._registered = True
-        self._task = asyncio.create_task(self._run(checkpoint), name=f"fanout-{self._shard_id}")
-
-    async def next_batch(self) -> Batch:
-        if self._task is None:
-            raise RuntimeError("FanOutSource.next_batch() before start()")
-        if self._delegate is not None:
-            return await self._delegate.next_batch()
-        self._budget.release(self._held)
-        self._held = 0
-        item = await self._queue.get()
-        if isinstance(item, _Failed):
-            raise item.error
-        if not isinstance(item, tuple):  # switched to polling
-            self._delegate = item
-            return await item.next_batch()
-        batch, self._held = item
-        return batch
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        held, self._held = self._held, 0
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if isinstance(item, tuple):
-                held += item[1]
-            elif not isinstance(item, _Failed):
-                self._delegate = item
-        self._budget.release(held)
-        if self._registered:
-            self._registered = False
-            self._budget.unregister()
-        if self._delegate is not None:
-            await self._delegate.aclose()
-
-    # -- the subscription task ---------------------------------------------------------------
-    async def _run(self, checkpoint: ExtendedSequenceNumber) -> None:
-        try:
-            await self._subscribe_forever(checkpoint)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            if self._fallback is not None and isinstance(exc, ButlerError):
-                resume = self._delivery.last or checkpoint
-                log.warning(
-                    "shard %s: enhanced fan-out unavailable (%s); polling from %s",
-                    self._shard_id,
-                    exc,
-                    resume,
-                )
-                source = self._fallback()
-                await source.start(resume)
-                await self._queue.put(source)
-                return
-            await self._queue.put(_Failed(exc))
+    async def _replacement(
+        self, error: BaseException, checkpoint: ExtendedSequenceNumber
+    ) -> RecordSource | None:
+        if self._fallback is None or not isinstance(error, ButlerError):
+            return None
+        resume = self._delivery.last or checkpoint
+        log.warning(
+            "shard %s: enhanced fan-out unavailable (%s); polling from %s", self._shard_id, error, resume
+        )
+        source = self._fallback()
+        await source.start(resume)
+        return source
 
     def _position(self, checkpoint: ExtendedSequenceNumber) -> tuple[str, dict[str, object]]:
         start = self._start_position
@@ -194,7 +122,7 @@ class FanOutSource:
         self._delivery.resume_after(checkpoint)
         return "AT_SEQUENCE_NUMBER", {"sequence_number": checkpoint.sequence}
 
-    async def _subscribe_forever(self, checkpoint: ExtendedSequenceNumber) -> None:
+    async def _produce(self, checkpoint: ExtendedSequenceNumber) -> None:
         loop = asyncio.get_running_loop()
         kind, kwargs = self._position(checkpoint)
         failures = 0
@@ -242,16 +170,8 @@ class FanOutSource:
             return
         cost = record_cost(records)
         granted = await self._budget.acquire(cost, minimum=cost) if cost else 0
-        children = event.child_shards if end else ()
-        batch = Batch(
-            records,
-            event.millis_behind_latest,
-            shard_end=end,
-            child_shard_ids=tuple(child.shard_id for child in children),
-            child_parents=tuple((c.shard_id, tuple(c.parent_shards)) for c in children),
-        )
-        try:
-            await self._queue.put((batch, granted))
-        except BaseException:
-            self._budget.release(granted)
-            raise
+        if end:
+            batch = end_of_shard(records, event.millis_behind_latest, event.child_shards)
+        else:
+            batch = Batch(records, event.millis_behind_latest)
+        await self._offer(batch, granted)

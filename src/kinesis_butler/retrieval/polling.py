@@ -17,7 +17,6 @@ KPL aggregated records are de-aggregated here (retrieval/kpl.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.errors import AwsError, ButlerError, ExpiredIterator, Throttled
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval._delivery import Delivery
+from kinesis_butler.retrieval._prefetch import ChildShardInfo, PrefetchingSource, end_of_shard
 from kinesis_butler.retrieval.base import Batch
 from kinesis_butler.retrieval.budget import PER_RECORD_OVERHEAD as _OVERHEAD
 from kinesis_butler.retrieval.budget import ByteBudget, record_cost
@@ -35,14 +35,6 @@ from kinesis_butler.retrieval.quota import ShardPacer, pacer_for
 __all__ = ["PollingSource", "ShardReader"]
 
 log = logging.getLogger("kinesis_butler.retrieval")
-
-
-class _ChildShard(Protocol):
-    @property
-    def shard_id(self) -> str: ...
-
-    @property
-    def parent_shards(self) -> Sequence[str]: ...
 
 
 class _GetRecordsResult(Protocol):
@@ -57,7 +49,7 @@ class _GetRecordsResult(Protocol):
     def millis_behind_latest(self) -> int | None: ...
 
     @property
-    def child_shards(self) -> Sequence[_ChildShard]: ...
+    def child_shards(self) -> Sequence[ChildShardInfo]: ...
 
 
 class ShardReader(Protocol):
@@ -82,16 +74,7 @@ _MAX_MALFORMED = 5  # unreadable answers in a row before the shard is reported f
 _INITIAL_RECORD_COST = 1024 * 1024 + _OVERHEAD
 
 
-class _Failed:
-    """An error the fetch task hands to the consumer side of the queue."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class PollingSource:
+class PollingSource(PrefetchingSource):
     """Reads one shard by polling. See the module docstring for pacing and recovery."""
 
     def __init__(
@@ -106,52 +89,13 @@ class PollingSource:
         budget: ByteBudget | None = None,
         hash_range: tuple[int, int] | None = None,
     ) -> None:
+        super().__init__(shard_id, budget or ByteBudget(config.prefetch_budget_bytes), depth=prefetch)
         self._client = client
         self._stream = stream
-        self._shard_id = shard_id
         self._config = config
         self._start_position = start_position
-        self._budget = budget or ByteBudget(config.prefetch_budget_bytes)
-        self._queue: asyncio.Queue[tuple[Batch, int] | _Failed] = asyncio.Queue(maxsize=max(1, prefetch))
-        self._task: asyncio.Task[None] | None = None
         self._delivery = Delivery(stream, shard_id, hash_range)
-        self._held = 0  # budget bytes of the batch the processor has now
         self._record_cost = float(_INITIAL_RECORD_COST)
-        self._registered = False
-
-    async def start(self, checkpoint: ExtendedSequenceNumber) -> None:
-        if self._task is not None:
-            raise RuntimeError("PollingSource.start() called twice")
-        self._budget.register()
-        self._registered = True
-        self._task = asyncio.create_task(self._fetch_loop(checkpoint), name=f"poll-{self._shard_id}")
-
-    async def next_batch(self) -> Batch:
-        if self._task is None:
-            raise RuntimeError("PollingSource.next_batch() before start()")
-        self._budget.release(self._held)
-        self._held = 0
-        item = await self._queue.get()
-        if isinstance(item, _Failed):
-            raise item.error
-        batch, self._held = item
-        return batch
-
-    async def aclose(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        held, self._held = self._held, 0
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if not isinstance(item, _Failed):
-                held += item[1]
-        self._budget.release(held)
-        if self._registered:
-            self._registered = False
-            self._budget.unregister()
 
     # -- the fetch task ----------------------------------------------------------------------
     async def _iterator_at(self, position: ExtendedSequenceNumber) -> str:
@@ -201,15 +145,7 @@ class PollingSource:
             **kwargs,  # type: ignore[arg-type]
         )
 
-    async def _fetch_loop(self, checkpoint: ExtendedSequenceNumber) -> None:
-        try:
-            await self._fetch_forever(checkpoint)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            await self._queue.put(_Failed(exc))
-
-    async def _fetch_forever(self, checkpoint: ExtendedSequenceNumber) -> None:
+    async def _produce(self, checkpoint: ExtendedSequenceNumber) -> None:
         config = self._config
         share = config.read_quota_share
         lease = pacer_for(
@@ -297,23 +233,9 @@ class PollingSource:
         if records is not raw:
             cost = record_cost(records)
         self._budget.settle(granted, cost)
-        batch: Batch | None = None
         if result.next_shard_iterator is None:
-            children = result.child_shards
-            batch = Batch(
-                records,
-                result.millis_behind_latest,
-                shard_end=True,
-                child_shard_ids=tuple(child.shard_id for child in children),
-                child_parents=tuple((c.shard_id, tuple(c.parent_shards)) for c in children),
-            )
+            await self._offer(end_of_shard(records, result.millis_behind_latest, result.child_shards), cost)
         elif records:
-            batch = Batch(records, result.millis_behind_latest)
-        if batch is None:
+            await self._offer(Batch(records, result.millis_behind_latest), cost)
+        else:
             self._budget.release(cost)
-            return
-        try:
-            await self._queue.put((batch, cost))
-        except BaseException:
-            self._budget.release(cost)  # cancelled while the queue was full
-            raise
