@@ -42,7 +42,7 @@ from kinesis_butler.processor import (
     ShutdownRequestedInput,
     call_maybe_async,
 )
-from kinesis_butler.retrieval.base import RecordSource
+from kinesis_butler.retrieval.base import Batch, RecordSource
 from kinesis_butler.stores.base import LeaseStore
 
 __all__ = ["TRANSITIONS", "IllegalTransition", "ShardCheckpointer", "ShardConsumer", "ShardState"]
@@ -200,6 +200,7 @@ class ShardConsumer:
                     log.warning(
                         "shard %s: handoff timed out; handing over at the last checkpoint", self.shard_id
                     )
+                    await self._source.aclose()
                     await self._coordinator.release(self.held)
                 await self._lease_lost()
         except LeaseLost:
@@ -274,7 +275,7 @@ class ShardConsumer:
                 if self.state is ShardState.FAILED:
                     return
             if batch.shard_end:
-                await self._shard_ended(batch.child_parents)
+                await self._shard_ended(batch)
                 return
             if self.shutdown.is_set():
                 await self._shutdown_requested()
@@ -363,9 +364,17 @@ class ShardConsumer:
         log.error("%s", error)
         self._move(ShardState.FAILED)
         self._coordinator.refuse(self.held.key)
+        await self._release()
+
+    async def _release(self) -> None:
+        """Stop reading, then give the lease up: the next owner's first read (a fan-out
+        subscription above all) must not meet ours still open."""
+        await self._source.aclose()
         await self._coordinator.release(self.held)
 
-    async def _shard_ended(self, child_parents: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+    async def _shard_ended(self, batch: Batch) -> None:
+        child_parents = batch.child_parents
+        ranges = {child: (first, last) for child, first, last in batch.child_hash_ranges}
         self._move(ShardState.SHARD_ENDED)
         self.checkpointer.at_shard_end = True
         try:
@@ -378,15 +387,18 @@ class ShardConsumer:
         if getattr(self._processor, "explicit_checkpoints", False) and not self.checkpointer.caught_up:
             # The user had not checkpointed every record when we were asked to stop: leave the
             # shard open in the table, so whoever takes it reads the unconfirmed tail again.
-            await self._coordinator.release(self.held)
+            await self._release()
             self._move(ShardState.SHUTDOWN_COMPLETE)
             return
         # Children first: once SHARD_END is visible, their workers may start them.
         for child, parents in child_parents:
+            first, last = ranges.get(child, (None, None))
             child_lease = Lease(
                 lease_key=self.held.lease.key_for(child),
                 checkpoint=TRIM_HORIZON,
                 parent_shard_ids=frozenset(parents),
+                starting_hash_key=first,
+                ending_hash_key=last,
                 stream_name=self.held.lease.stream_name,
                 shard_id=child,
             )
@@ -394,7 +406,7 @@ class ShardConsumer:
         if child_parents:
             await self._coordinator.update_children(self.held, frozenset(c for c, _ in child_parents))
         await self._coordinator.checkpoint(self.held, SHARD_END)
-        await self._coordinator.release(self.held)
+        await self._release()
         log.info("shard %s: reached SHARD_END; children %s", self.shard_id, [c for c, _ in child_parents])
         self._move(ShardState.SHUTDOWN_COMPLETE)
 
@@ -414,7 +426,7 @@ class ShardConsumer:
         except Exception:
             log.exception("shard %s: shutdown_requested callback raised", self.shard_id)
         try:
-            await self._coordinator.release(self.held)
+            await self._release()
         except StoreError as exc:
             log.warning("shard %s: could not release the lease (it will expire): %s", self.shard_id, exc)
         self._move(ShardState.SHUTDOWN_COMPLETE)

@@ -501,3 +501,32 @@ def test_the_fake_throttles_like_kinesis() -> None:
         "shardId-000000000000": 5,
         "shardId-000000000001": 1,
     }
+
+
+def test_a_stopped_consumer_leaves_the_process_budget_and_pacers_empty() -> None:
+    fake = FakeKinesis()
+    fake.create_stream("s", 4)
+    for i in range(400):
+        fake.put("s", bytes(1000), f"k{i}")
+
+    async def main() -> tuple[int, int, int]:
+        from kinesis_butler.retrieval import quota
+
+        got: list[Record] = []
+        consumer = AsyncConsumer(
+            "s",
+            "app",
+            got.extend,
+            store=MemoryLeaseStore("app", backing=MemoryBacking()),
+            client=fake,
+            config=ConsumerConfig(failover_time=1.0, min_poll_interval=0.01, idle_poll_interval=0.05),
+        )
+        runner = asyncio.ensure_future(consumer.run())
+        await wait_until(lambda: len(got) >= 400, timeout=60)
+        await asyncio.sleep(3)  # idle polls in flight, waiting in the pacer or for the budget
+        await consumer.stop()
+        await runner
+        budget = process_budget(1)
+        return budget.used, budget.sources, len(quota._pacers)
+
+    assert run_simulation(main) == (0, 0, 0)

@@ -81,6 +81,10 @@ def _decode_get_records(raw: bytes | memoryview) -> _GetRecordsOutput:
     return _decode(_get_records_decoder, raw, "GetRecords")  # type: ignore[arg-type]  # any buffer
 
 
+def _decode_sized(raw: bytes | memoryview) -> tuple[_GetRecordsOutput, int]:
+    return _decode_get_records(raw), len(raw)
+
+
 def _to_shard(wire: _WireShard) -> Shard:
     return Shard(
         shard_id=wire.shard_id,
@@ -262,13 +266,17 @@ class KinesisClient(FanOutOperations, JsonServiceClient):
         if isinstance(transport, JsonTransport):
             # Decoded straight from the transport's reused read buffer: no per-call copy of a
             # multi-megabyte answer (the page faults of that cost as much as the decode).
-            wire = await transport.call_decoded(
-                "GetRecords", request, _decode_get_records, max_attempts=max_attempts
+            wire, size = await transport.call_decoded(
+                "GetRecords", request, _decode_sized, max_attempts=max_attempts
             )
         else:
-            wire = _decode_get_records(await transport.call("GetRecords", request, max_attempts=max_attempts))
+            wire, size = _decode_sized(await transport.call("GetRecords", request, max_attempts=max_attempts))
         return GetRecordsResult(
-            wire.records or [], wire.next_shard_iterator, wire.millis_behind_latest, wire.child_shards or []
+            wire.records or [],
+            wire.next_shard_iterator,
+            wire.millis_behind_latest,
+            wire.child_shards or [],
+            size,
         )
 
     # -- writing ------------------------------------------------------------------------------

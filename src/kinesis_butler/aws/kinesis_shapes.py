@@ -106,12 +106,15 @@ class GetRecordsResult(msgspec.Struct):
             read to its end.
         millis_behind_latest: how far the iterator is behind the tip of the shard.
         child_shards: at shard end, the shards that replaced this one.
+        response_bytes: the size of the JSON answer (0 when unknown); a cheap upper bound of
+            the records' size, for pacing and memory accounting.
     """
 
     records: list[Record] = []
     next_shard_iterator: str | None = None
     millis_behind_latest: int | None = None
     child_shards: list[ChildShard] = []
+    response_bytes: int = 0
 
     @property
     def at_shard_end(self) -> bool:

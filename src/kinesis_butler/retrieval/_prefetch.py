@@ -10,7 +10,6 @@ consumer from ``next_batch``, unless ``_replacement`` names another source to co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -32,13 +31,20 @@ class ChildShardInfo(Protocol):
 def end_of_shard(
     records: list[Record], millis_behind: int | None, children: Sequence[ChildShardInfo]
 ) -> Batch:
-    """The last batch of a closed shard, naming its children and their parents."""
+    """The last batch of a closed shard, naming its children, their parents and (when the
+    answer has them) their hash key ranges, so child leases are written complete."""
+    ranges = []
+    for child in children:
+        key_range = getattr(child, "hash_key_range", None)
+        if key_range is not None:
+            ranges.append((child.shard_id, str(key_range.starting_hash_key), str(key_range.ending_hash_key)))
     return Batch(
         records,
         millis_behind,
         shard_end=True,
         child_shard_ids=tuple(child.shard_id for child in children),
         child_parents=tuple((child.shard_id, tuple(child.parent_shards)) for child in children),
+        child_hash_ranges=tuple(ranges),
     )
 
 
@@ -62,6 +68,7 @@ class PrefetchingSource:
         self._held = 0  # budget bytes of the batch the processor has now
         self._registered = False
         self._delegate: RecordSource | None = None
+        self._pending: RecordSource | None = None
 
     async def _produce(self, checkpoint: ExtendedSequenceNumber) -> None:
         raise NotImplementedError
@@ -87,7 +94,12 @@ class PrefetchingSource:
             raise
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             replacement = await self._replacement(exc, checkpoint)
-            await self._queue.put(_Failed(exc) if replacement is None else replacement)
+            if replacement is None:
+                await self._queue.put(_Failed(exc))
+                return
+            self._pending = replacement  # closed by aclose() if we are cancelled before handing it over
+            await self._queue.put(replacement)
+            self._pending = None
 
     async def _offer(self, batch: Batch, cost: int) -> None:
         """Queue a batch whose ``cost`` bytes are already charged (returned if cancelled here)."""
@@ -117,8 +129,8 @@ class PrefetchingSource:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # gather, not suppress(CancelledError): a cancellation of our caller still propagates
+            await asyncio.gather(task, return_exceptions=True)
         held, self._held = self._held, 0
         while not self._queue.empty():
             item = self._queue.get_nowait()
@@ -130,5 +142,8 @@ class PrefetchingSource:
         if self._registered:
             self._registered = False
             self._budget.unregister()
+        pending, self._pending = self._pending, None
+        if pending is not None and pending is not self._delegate:
+            await pending.aclose()
         if self._delegate is not None:
             await self._delegate.aclose()

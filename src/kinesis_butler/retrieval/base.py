@@ -23,6 +23,7 @@ class Batch:
     shard_end: bool = False
     child_shard_ids: tuple[str, ...] = ()
     child_parents: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (child, its parents) at shard end
+    child_hash_ranges: tuple[tuple[str, str, str], ...] = ()  # (child, first, last hash key) if known
 
 
 class RecordSource(Protocol):

@@ -4,12 +4,15 @@ the stream has it (registering the app's stream consumer once per stream).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import ButlerError
+from kinesis_butler.errors import ButlerError, ResourceNotFound
 from kinesis_butler.models import Lease, StartPosition
 from kinesis_butler.retrieval.base import RecordSource
 from kinesis_butler.retrieval.budget import process_budget
@@ -19,6 +22,8 @@ from kinesis_butler.retrieval.polling import PollingSource, ShardReader
 __all__ = ["FanOutApi", "SourceFactory"]
 
 log = logging.getLogger("kinesis_butler.retrieval")
+
+_REGISTER_ATTEMPTS = 5
 
 
 @runtime_checkable
@@ -58,15 +63,31 @@ class SourceFactory:
             log.warning("stream %s: this Kinesis client has no enhanced fan-out; polling instead", stream)
             self.fanout[stream] = None
             return
-        try:
-            summary = await self.client.describe_stream_summary(stream)
-            registered = await self.client.ensure_stream_consumer(summary.stream_arn, name)
-        except ButlerError as exc:
-            log.warning("stream %s: enhanced fan-out unavailable (%s); polling instead", stream, exc)
-            self.fanout[stream] = None
-            return
+        for attempt in range(1, _REGISTER_ATTEMPTS + 1):
+            try:
+                summary = await self.client.describe_stream_summary(stream)
+                registered = await self.client.ensure_stream_consumer(summary.stream_arn, name)
+                break
+            except ButlerError as exc:
+                # Throttling (many workers registering at once) or a consumer still being created
+                # or deleted pass; what stays after a few tries, or cannot pass, means polling.
+                if not exc.retriable or attempt == _REGISTER_ATTEMPTS:
+                    log.warning("stream %s: enhanced fan-out unavailable (%s); polling instead", stream, exc)
+                    self.fanout[stream] = None
+                    return
+                await asyncio.sleep(random.uniform(0.5, 1.0) * 2**attempt)
         log.info("stream %s: reading through enhanced fan-out consumer %s", stream, registered.consumer_arn)
         self.fanout[stream] = registered.consumer_arn
+
+    async def _stream_exists(self, stream: str) -> bool:
+        describe = getattr(self.client, "describe_stream_summary", None)
+        if describe is None:
+            return False
+        try:
+            await describe(stream)
+        except ResourceNotFound:
+            return False
+        return True
 
     def source_for(self, stream: str, lease: Lease) -> RecordSource:
         shard_id = lease.shard
@@ -83,7 +104,15 @@ class SourceFactory:
 
         def polling() -> PollingSource:
             return PollingSource(
-                self.client, stream, shard_id, self.config, start, budget=budget, hash_range=hash_range
+                self.client,
+                stream,
+                shard_id,
+                self.config,
+                start,
+                budget=budget,
+                hash_range=hash_range,
+                stream_exists=partial(self._stream_exists, stream),
+                app=self.app,
             )
 
         consumer_arn = self.fanout.get(stream)

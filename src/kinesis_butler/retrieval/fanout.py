@@ -29,7 +29,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import ButlerError, ResourceInUse
+from kinesis_butler.errors import AccessDenied, ButlerError, InvalidArgument, ResourceInUse, ResourceNotFound
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval._delivery import Delivery
 from kinesis_butler.retrieval._prefetch import ChildShardInfo, PrefetchingSource, end_of_shard
@@ -42,6 +42,9 @@ log = logging.getLogger("kinesis_butler.retrieval")
 
 _MIN_RESUBSCRIBE = 1.0  # SubscribeToShard: one call per second per consumer and shard
 _IN_USE_BACKOFF = 5.0  # a subscription younger than 5 s refuses a new one
+# Errors that mean this app cannot use fan-out on the shard (the others are retried or reported):
+# no permission, the stream consumer or the operation does not exist here, a request it rejects.
+_FAN_OUT_UNAVAILABLE = (AccessDenied, ResourceNotFound, InvalidArgument)
 
 
 class _Event(Protocol):
@@ -97,13 +100,16 @@ class FanOutSource(PrefetchingSource):
         self._fallback = fallback
         self._delivery = Delivery(stream, shard_id, hash_range)
         self.subscriptions = 0  # SubscribeToShard calls that succeeded (for tests and metrics)
+        self._continuation: ExtendedSequenceNumber | None = None
 
     async def _replacement(
         self, error: BaseException, checkpoint: ExtendedSequenceNumber
     ) -> RecordSource | None:
-        if self._fallback is None or not isinstance(error, ButlerError):
+        if self._fallback is None or not isinstance(error, _FAN_OUT_UNAVAILABLE):
             return None
-        resume = self._delivery.last or checkpoint
+        # After the last record handed out, else after the last continuation (records may have
+        # been written since a LATEST or AT_TIMESTAMP start), else the lease's checkpoint.
+        resume = self._delivery.last or self._continuation or checkpoint
         log.warning(
             "shard %s: enhanced fan-out unavailable (%s); polling from %s", self._shard_id, error, resume
         )
@@ -132,6 +138,7 @@ class FanOutSource(PrefetchingSource):
             if pause > 0:
                 await asyncio.sleep(pause)
             last_subscribe = loop.time()
+            streaming = False
             try:
                 async with self._client.subscribe_to_shard(
                     self._consumer_arn,
@@ -140,18 +147,26 @@ class FanOutSource(PrefetchingSource):
                     **kwargs,  # type: ignore[arg-type]
                 ) as events:
                     self.subscriptions += 1
+                    streaming = False
                     async for event in events:
+                        streaming = True
                         failures = 0
                         continuation = event.continuation_sequence_number
                         await self._emit(event)
                         if continuation is None:
                             return  # shard end, queued by _emit
                         kind, kwargs = "AFTER_SEQUENCE_NUMBER", {"sequence_number": continuation}
+                        self._continuation = ExtendedSequenceNumber(continuation)
             except ButlerError as exc:
                 if not exc.retriable and not isinstance(exc, ResourceInUse):
                     raise
                 failures += 1
                 delay = self._backoff(failures, exc)
+                if streaming and isinstance(exc, ResourceInUse):
+                    # Another subscriber took the shard over mid-stream: most likely a new lease
+                    # owner. Wait out the failover time, by when our lease watchdog has stopped
+                    # this shard if the lease is really gone, instead of taking it back.
+                    delay = max(delay, self._config.failover_time)
                 log.info(
                     "shard %s: subscription failed (%s); resubscribing in %.1f s", self._shard_id, exc, delay
                 )

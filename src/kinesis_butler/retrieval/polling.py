@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from kinesis_butler.config import ConsumerConfig
-from kinesis_butler.errors import AwsError, ButlerError, ExpiredIterator, Throttled
+from kinesis_butler.errors import AwsError, ButlerError, ExpiredIterator, ResourceNotFound, Throttled
 from kinesis_butler.models import ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval._delivery import Delivery
 from kinesis_butler.retrieval._prefetch import ChildShardInfo, PrefetchingSource, end_of_shard
@@ -65,9 +65,12 @@ class ShardReader(Protocol):
         timestamp: float | None = None,
     ) -> str: ...
 
-    async def get_records(self, shard_iterator: str, *, limit: int | None = None) -> _GetRecordsResult: ...
+    async def get_records(
+        self, shard_iterator: str, *, limit: int | None = None, max_attempts: int | None = None
+    ) -> _GetRecordsResult: ...
 
 
+_JSON_PER_RECORD = 130  # an answer's bytes per record beyond the base64 payload (keys, numbers)
 _MAX_MALFORMED = 5  # unreadable answers in a row before the shard is reported failed
 # Until a shard's answers are measured, assume the largest record Kinesis allows, so the first
 # call's Limit cannot overshoot the grant however large the records are.
@@ -88,6 +91,8 @@ class PollingSource(PrefetchingSource):
         prefetch: int = 1,
         budget: ByteBudget | None = None,
         hash_range: tuple[int, int] | None = None,
+        stream_exists: Callable[[], Awaitable[bool]] | None = None,
+        app: str = "",
     ) -> None:
         super().__init__(shard_id, budget or ByteBudget(config.prefetch_budget_bytes), depth=prefetch)
         self._client = client
@@ -96,6 +101,8 @@ class PollingSource(PrefetchingSource):
         self._start_position = start_position
         self._delivery = Delivery(stream, shard_id, hash_range)
         self._record_cost = float(_INITIAL_RECORD_COST)
+        self._stream_exists = stream_exists
+        self._app = app
 
     # -- the fetch task ----------------------------------------------------------------------
     async def _iterator_at(self, position: ExtendedSequenceNumber) -> str:
@@ -153,6 +160,7 @@ class PollingSource(PrefetchingSource):
             self._shard_id,
             config.shard_read_calls_per_second * share,
             config.shard_read_bytes_per_second * share,
+            app=self._app,
         )
         try:
             await self._poll(checkpoint, lease.pacer)
@@ -160,33 +168,54 @@ class PollingSource(PrefetchingSource):
             lease.release()
 
     async def _reserve(self) -> tuple[int, int]:
-        """Bytes from the budget for the next call, and the call's Limit sized from them."""
+        """Bytes from the budget for the next call, and the call's Limit sized from them. An idle
+        shard asks for no more than its fair share, so idle shards never queue for the budget."""
         per_record = max(1, int(self._record_cost))
-        granted = await self._budget.acquire(per_record * self._config.max_records, minimum=per_record)
+        want = per_record * self._config.max_records
+        granted = await self._budget.acquire(want, minimum=min(per_record, self._budget.fair_share))
         return granted, max(1, min(self._config.max_records, granted // per_record))
 
     async def _poll(self, checkpoint: ExtendedSequenceNumber, pacer: ShardPacer) -> None:
         config = self._config
-        iterator: str | None = await self._iterator_at(checkpoint)
-        failures = 0
+        loop = asyncio.get_running_loop()
+        iterator = await self._iterator_or_end(checkpoint)
+        failures = suspicious = 0
         not_before = 0.0
         idle = 0.0
         while iterator is not None:
-            started = await pacer.wait(not_before)
+            # Budget first: a call that waited for memory is paced from when it really goes out.
             granted, limit = await self._reserve()
             try:
-                result = await self._client.get_records(iterator, limit=limit)
+                await pacer.wait(not_before)
+                started = loop.time()
+                # One attempt: throttling is paced here, for every reader of the shard, and not
+                # retried behind the pacer's back by the transport.
+                result = await self._client.get_records(iterator, limit=limit, max_attempts=1)
             except BaseException as exc:  # noqa: BLE001 - the grant goes back whatever happened
                 self._budget.release(granted)
                 if isinstance(exc, ExpiredIterator):
                     resume = self._delivery.last or checkpoint
                     log.info("shard %s: iterator expired, resuming after %s", self._shard_id, resume)
-                    iterator = await self._iterator_at(resume)
+                    iterator = await self._iterator_or_end(resume)
                     continue
+                if isinstance(exc, ResourceNotFound) and await self._shard_is_gone():
+                    await self._offer(end_of_shard([], None, ()), 0)
+                    return
                 failures += 1
                 self._back_off(exc, failures, pacer)
                 continue
-            failures = 0
+            if result.next_shard_iterator is None and not result.child_shards and suspicious < _MAX_MALFORMED:
+                # A shard ends with its children named; an answer with neither an iterator nor
+                # children is more likely a proxy's empty body than the end (the KCL retries too).
+                # Asked again a few times and still so, it is taken as the end.
+                self._budget.release(granted)
+                suspicious += 1
+                log.warning(
+                    "shard %s: GetRecords answered without a next iterator or child shards", self._shard_id
+                )
+                pacer.hold_off(self._backoff(suspicious))
+                continue
+            failures = suspicious = 0
             iterator = result.next_shard_iterator
             await self._emit(result, started, granted, pacer)
             if not result.records or result.millis_behind_latest == 0:
@@ -195,6 +224,34 @@ class PollingSource(PrefetchingSource):
             else:
                 idle = 0.0
                 not_before = started + config.min_poll_interval
+
+    async def _iterator_or_end(self, position: ExtendedSequenceNumber) -> str | None:
+        """An iterator at ``position``; None (after queueing the end) when the shard is gone."""
+        try:
+            return await self._iterator_at(position)
+        except ResourceNotFound:
+            if not await self._shard_is_gone():
+                raise
+            await self._offer(end_of_shard([], None, ()), 0)
+            return None
+
+    async def _shard_is_gone(self) -> bool:
+        """True when the stream exists but the shard does not: a closed shard whose records all
+        expired (the app was down longer than the retention period). It is treated as ended, as
+        the KCL does, so that its children are not blocked forever."""
+        if self._stream_exists is None:
+            return False
+        try:
+            exists = await self._stream_exists()
+        except ButlerError:
+            return False
+        if exists:
+            log.warning(
+                "shard %s of stream %s no longer exists (its records expired): treating it as ended",
+                self._shard_id,
+                self._stream,
+            )
+        return exists
 
     def _back_off(self, exc: BaseException, failures: int, pacer: ShardPacer) -> None:
         """Re-raise what retrying cannot fix; otherwise hold every reader of the shard off.
@@ -221,17 +278,18 @@ class PollingSource(PrefetchingSource):
     async def _emit(self, result: _GetRecordsResult, started: float, granted: int, pacer: ShardPacer) -> None:
         """Queue a GetRecords answer's deliverable records (and shard end), charging the budget."""
         raw = result.records
+        records = self._delivery.prepare(raw)
         cost = 0
         if raw:
-            cost = record_cost(raw)
-            pacer.received(started, cost - _OVERHEAD * len(raw))
-            measured = cost / len(raw)  # up at once, down halfway per answer: memory comes first
-            self._record_cost = (
-                measured if measured > self._record_cost else (self._record_cost + measured) / 2
-            )
-        records = self._delivery.prepare(raw)
-        if records is not raw:
-            cost = record_cost(records)
+            size = getattr(result, "response_bytes", 0)
+            # Payload bytes for the quota: from the answer's size when known (base64 is 4/3 of
+            # the data, plus ~130 B of JSON per record), so there is no loop over the records.
+            payload = (size - _JSON_PER_RECORD * len(raw)) * 3 // 4 if size else None
+            # Memory: what the deliverable batch holds (KPL sub-records included).
+            cost = record_cost(records) if records is not raw or not size else size + _OVERHEAD * len(raw)
+            pacer.received(started, max(0, payload) if payload is not None else cost - _OVERHEAD * len(raw))
+            measured = cost / len(raw)  # per fetched record; up at once, down halfway per answer
+            self._record_cost = max(measured, (self._record_cost + measured) / 2)
         self._budget.settle(granted, cost)
         if result.next_shard_iterator is None:
             await self._offer(end_of_shard(records, result.millis_behind_latest, result.child_shards), cost)

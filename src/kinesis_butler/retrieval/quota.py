@@ -63,7 +63,7 @@ class ShardPacer:
         return slot
 
 
-_pacers: dict[asyncio.AbstractEventLoop, dict[tuple[str, str], ShardPacer]] = {}
+_pacers: dict[asyncio.AbstractEventLoop, dict[tuple[str, str, str], ShardPacer]] = {}
 
 
 class _Lease:
@@ -71,7 +71,7 @@ class _Lease:
 
     __slots__ = ("_key", "_loop", "pacer")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str], pacer: ShardPacer) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, str], pacer: ShardPacer) -> None:
         self._loop, self._key, self.pacer = loop, key, pacer
 
     def release(self) -> None:
@@ -85,19 +85,25 @@ class _Lease:
 
 
 def pacer_for(
-    stream: str, shard_id: str, calls_per_second: float = 5.0, bytes_per_second: float = 2 * 1024 * 1024
+    stream: str,
+    shard_id: str,
+    calls_per_second: float = 5.0,
+    bytes_per_second: float = 2 * 1024 * 1024,
+    *,
+    app: str = "",
 ) -> _Lease:
-    """The pacer every source reading ``shard_id`` of ``stream`` on this loop shares.
+    """The pacer every source of ``app`` reading ``shard_id`` of ``stream`` on this loop shares.
 
-    The rates are this app's part of the shard's quota; when two readers in one process ask for
-    different rates the slower one applies to both."""
+    The rates are this app's part of the shard's quota (each app has its own pacer, at its own
+    share); when two readers of one app ask for different rates the slower one applies."""
     loop = asyncio.get_running_loop()
     table = _pacers.setdefault(loop, {})
-    pacer = table.get((stream, shard_id))
+    key = (app, stream, shard_id)
+    pacer = table.get(key)
     if pacer is None:
-        pacer = table[(stream, shard_id)] = ShardPacer(calls_per_second, bytes_per_second)
+        pacer = table[key] = ShardPacer(calls_per_second, bytes_per_second)
     else:
         pacer.min_interval = max(pacer.min_interval, 1.0 / calls_per_second)
         pacer.bytes_per_second = min(pacer.bytes_per_second, bytes_per_second)
     pacer._users += 1
-    return _Lease(loop, (stream, shard_id), pacer)
+    return _Lease(loop, key, pacer)

@@ -27,6 +27,13 @@ MAX_HASH = 2**128 - 1
 class FakeChildShard:
     shard_id: str
     parent_shards: list[str]
+    hash_key_range: FakeHashKeyRange | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeHashKeyRange:
+    starting_hash_key: str
+    ending_hash_key: str
 
 
 @dataclasses.dataclass
@@ -214,7 +221,9 @@ class FakeKinesis:
             self.throttled += 1
             raise Throttled("Rate exceeded for shard (2 MiB/s)", operation="GetRecords")
 
-    async def get_records(self, shard_iterator: str, *, limit: int | None = None) -> FakeGetRecords:
+    async def get_records(
+        self, shard_iterator: str, *, limit: int | None = None, max_attempts: int | None = None
+    ) -> FakeGetRecords:
         self._enter("get_records")
         stream, shard_id, raw_index = shard_iterator.split("|")
         entry = self._stream(stream)[shard_id]
@@ -238,7 +247,14 @@ class FakeKinesis:
         ]
         if entry.closed and end >= len(entry.records):
             children = [
-                FakeChildShard(child, list(self._stream(stream)[child].shard.parent_ids))
+                FakeChildShard(
+                    child,
+                    list(self._stream(stream)[child].shard.parent_ids),
+                    FakeHashKeyRange(
+                        str(self._stream(stream)[child].shard.starting_hash_key),
+                        str(self._stream(stream)[child].shard.ending_hash_key),
+                    ),
+                )
                 for child in entry.children
             ]
             return FakeGetRecords(batch, None, 0, children)
