@@ -26,10 +26,11 @@ __all__ = ["DEFAULT_BUDGET_BYTES", "PER_RECORD_OVERHEAD", "ByteBudget", "process
 log = logging.getLogger("kinesis_butler.retrieval")
 
 DEFAULT_BUDGET_BYTES: Final = 256 * 1024 * 1024
-PER_RECORD_OVERHEAD: Final = 300
-"""Python memory of one Record beyond its payload: the Struct (~120 B), the sequence-number
-string (~105 B) and the partition-key string header (~50 B), rounded up (measured with
-tracemalloc on GetRecords decodes of 100 B records)."""
+PER_RECORD_OVERHEAD: Final = 360
+"""Python memory of one decoded Record beyond its payload and partition key, measured with
+tracemalloc on msgspec decodes of GetRecords answers: the Struct 88 B, the sequence-number
+string 106 B, the partition-key and payload object headers 49 + 33 B, the timestamp float 24 B,
+the list slot 8 B (309 B), plus pymalloc's rounding to 16-byte sizes (~50 B)."""
 
 
 def record_cost(records: list[Record]) -> int:

@@ -183,11 +183,13 @@ class PollingSource(PrefetchingSource):
         not_before = 0.0
         idle = 0.0
         while iterator is not None:
-            # Budget first: a call that waited for memory is paced from when it really goes out.
+            # The slot first, then memory: an idle shard holds no budget while it waits, and a
+            # call that waited for memory is paced from when it really goes out.
+            await pacer.wait(not_before)
             granted, limit = await self._reserve()
             try:
-                await pacer.wait(not_before)
                 started = loop.time()
+                pacer.went_out(started)
                 # One attempt: throttling is paced here, for every reader of the shard, and not
                 # retried behind the pacer's back by the transport.
                 result = await self._client.get_records(iterator, limit=limit, max_attempts=1)
@@ -288,8 +290,10 @@ class PollingSource(PrefetchingSource):
             # Memory: what the deliverable batch holds (KPL sub-records included).
             cost = record_cost(records) if records is not raw or not size else size + _OVERHEAD * len(raw)
             pacer.received(started, max(0, payload) if payload is not None else cost - _OVERHEAD * len(raw))
-            measured = cost / len(raw)  # per fetched record; up at once, down halfway per answer
-            self._record_cost = max(measured, (self._record_cost + measured) / 2)
+            # Per fetched record: up at once, down to a quarter per answer (from the pessimistic
+            # 1 MiB start, a shard of small records reaches full-size calls in ~5 answers).
+            measured = cost / len(raw)
+            self._record_cost = max(measured, self._record_cost / 4)
         self._budget.settle(granted, cost)
         if result.next_shard_iterator is None:
             await self._offer(end_of_shard(records, result.millis_behind_latest, result.child_shards), cost)

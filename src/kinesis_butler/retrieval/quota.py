@@ -43,6 +43,10 @@ class ShardPacer:
         """Seconds until a call is allowed (0 when it is)."""
         return max(0.0, self._next - (_now() if now is None else now))
 
+    def went_out(self, at: float) -> None:
+        """A call reserved earlier really started at ``at`` (after waiting for memory)."""
+        self._next = max(self._next, at + self.min_interval)
+
     def received(self, started: float, nbytes: int) -> None:
         """The call that started at ``started`` returned ``nbytes`` of records."""
         self._next = max(self._next, started + nbytes / self.bytes_per_second)
