@@ -14,14 +14,18 @@ import itertools
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
-from kinesis_butler import ConsumerConfig
+import pytest
+
+from kinesis_butler import AsyncConsumer, ConsumerConfig
 from kinesis_butler.errors import AccessDenied, ResourceInUse, Throttled
 from kinesis_butler.models import TRIM_HORIZON, ExtendedSequenceNumber, Record, StartPosition
 from kinesis_butler.retrieval.fanout import FanOutSource
 from kinesis_butler.retrieval.kpl import aggregate
 from kinesis_butler.retrieval.polling import PollingSource
+from kinesis_butler.stores.memory import MemoryBacking, MemoryLeaseStore
 from kinesis_butler.testing.fake import FakeKinesis
 from kinesis_butler.testing.virtual_time import run_simulation
+from tests.helpers import wait_until
 
 SHARD = "shardId-000000000000"
 CONFIG = ConsumerConfig(min_poll_interval=0.01, idle_poll_interval=0.05)
@@ -259,3 +263,55 @@ def test_prefetched_events_are_charged_to_the_budget_and_returned() -> None:
     held, after = run_simulation(main)
     assert held > 0
     assert after == 0
+
+
+class _RefusingFanOut(FakeKinesis):
+    """A client with the fan-out API whose registration is refused (no permission)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registrations = 0
+
+    async def ensure_stream_consumer(self, stream_arn: str, name: str) -> object:
+        self.registrations += 1
+        raise AccessDenied(
+            "not authorized: kinesis:RegisterStreamConsumer", operation="RegisterStreamConsumer"
+        )
+
+    def subscribe_to_shard(self, *args: object, **kwargs: object) -> object:
+        raise AssertionError("no subscription without a registered consumer")
+
+
+@pytest.mark.parametrize("client_kind", ["no fan-out API", "registration refused"])
+def test_a_fan_out_app_polls_where_fan_out_is_unavailable(
+    client_kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeKinesis() if client_kind == "no fan-out API" else _RefusingFanOut()
+    fake.create_stream("s", 2)
+    for i in range(40):
+        fake.put("s", f"{i}".encode(), f"k{i}")
+
+    async def main() -> list[Record]:
+        got: list[Record] = []
+        consumer = AsyncConsumer(
+            "s",
+            "app",
+            got.extend,
+            store=MemoryLeaseStore("app", backing=MemoryBacking()),
+            client=fake,
+            config=ConsumerConfig(
+                failover_time=1.0, min_poll_interval=0.01, idle_poll_interval=0.05, retrieval="fanout"
+            ),
+        )
+        runner = asyncio.ensure_future(consumer.run())
+        await wait_until(lambda: len(got) >= 40, timeout=60)
+        await consumer.stop()
+        await runner
+        assert consumer.sources.fanout == {"s": None}
+        return got
+
+    got = run_simulation(main)
+    assert sorted(int(r.data) for r in got) == list(range(40))
+    assert "polling instead" in caplog.text
+    if isinstance(fake, _RefusingFanOut):
+        assert fake.registrations == 1  # refused for good: not retried

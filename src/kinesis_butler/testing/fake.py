@@ -50,6 +50,10 @@ class FakeSummary:
     open_shard_count: int
     stream_status: str = "ACTIVE"
 
+    @property
+    def stream_arn(self) -> str:
+        return f"arn:aws:kinesis:us-east-1:000000000000:stream/{self.stream_name}"
+
 
 @dataclasses.dataclass
 class _FakeShard:
