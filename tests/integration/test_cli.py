@@ -96,17 +96,20 @@ PER_RECORD = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("fanout", [False, True], ids=["polling", "fanout"])
 async def test_consume_per_record_keeps_key_order_and_checkpoints_the_last_records(
-    kinesis: KinesisClient, kinesis_endpoint: str, new_stream: StreamFactory, tmp_path: Path
+    kinesis: KinesisClient, kinesis_endpoint: str, new_stream: StreamFactory, tmp_path: Path, fanout: bool
 ) -> None:
     stream = await new_stream(2)
     await put_numbers(kinesis, stream, 0, 300, keys=40)
     (tmp_path / "perrecord.py").write_text(PER_RECORD)
     out = tmp_path / "out.txt"
     process = _cli(
+        *(["--log-level", "INFO"] if fanout else []),
         "consume", "--stream", stream, "--app", "cli-app", "--processor", "perrecord:handle",
         "--per-record", "--concurrency", "8", "--store", "sqlite:///leases.db",
         "--endpoint-url", kinesis_endpoint, "--region", "us-east-1", "--quiet",
+        *(["--fanout", "--fanout-consumer", f"c-{stream}"] if fanout else []),
         cwd=tmp_path, env={"OUT": str(out)},
     )  # fmt: skip
     try:
@@ -120,6 +123,9 @@ async def test_consume_per_record_keeps_key_order_and_checkpoints_the_last_recor
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 0, stderr
+    if fanout:
+        assert "reading through enhanced fan-out consumer" in stderr
+        assert "polling instead" not in stderr
     lines = [line.split() for line in out.read_text().splitlines()]
     assert sorted(int(n) for *_, n in lines) == list(range(300))
     by_key: dict[str, list[int]] = {}
