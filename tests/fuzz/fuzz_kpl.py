@@ -20,48 +20,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
+from pathlib import Path
 
 import atheris
 from aws_kinesis_agg import deaggregator, messages_pb2  # noqa: F401 - deaggregator puts config_pb2 on the path
-from google.protobuf.message import DecodeError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: find tests.fuzz
+from tests.fuzz import Entry, reference
 
 with atheris.instrument_imports(include=["kinesis_butler.retrieval.kpl"]):
     from kinesis_butler.models import Record
     from kinesis_butler.retrieval.kpl import MAGIC, MAX_HASH_KEY, aggregate, deaggregate, effective_hash_key
 
-Entry = tuple[bytes, str, str | None]
 HASH_RANGE = (2**126, 2**127 * 3)
 
 
 def md5(data: bytes) -> bytes:
     return hashlib.md5(data, usedforsecurity=False).digest()
-
-
-def reference(data: bytes) -> list[Entry] | None:
-    """The entries in ``data`` read with aws-kinesis-agg's generated classes; None if not an aggregate."""
-    body = data[4:-16]
-    if not data.startswith(MAGIC) or len(data) <= 20 or md5(body) != data[-16:]:
-        return None
-    message = messages_pb2.AggregatedRecord()
-    try:
-        message.ParseFromString(body)
-    except DecodeError:
-        return None
-    keys, hash_keys = list(message.partition_key_table), list(message.explicit_hash_key_table)
-    if not message.IsInitialized() or not all(isinstance(k, str) for k in keys + hash_keys):
-        return None
-    if not all(k.isascii() and k.isdigit() and len(k) <= 39 and int(k) <= MAX_HASH_KEY for k in hash_keys):
-        return None
-    entries: list[Entry] = []
-    for sub in message.records:
-        has_hash_key = sub.HasField("explicit_hash_key_index")
-        if sub.partition_key_index >= len(keys) or (
-            has_hash_key and sub.explicit_hash_key_index >= len(hash_keys)
-        ):
-            return None
-        hash_key = hash_keys[sub.explicit_hash_key_index] if has_hash_key else None
-        entries.append((sub.data, keys[sub.partition_key_index], hash_key))
-    return entries
 
 
 class _FailOnError(logging.Handler):

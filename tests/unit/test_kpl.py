@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import logging
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aws_kinesis_agg import deaggregator, messages_pb2  # deaggregator first: it puts config_pb2 on the path
 from aws_kinesis_agg.aggregator import AggRecord, RecordAggregator
-from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,12 +25,11 @@ from kinesis_butler.retrieval.kpl import (
     effective_hash_key,
     partition_key_hash,
 )
+from tests.fuzz import Entry, reference, run_harness
 
 SEQ = "49590338271490256608559692538361571095921575989136588898"
 SHARD = "shardId-000000000007"
 REPO = Path(__file__).resolve().parents[2]
-
-Entry = tuple[bytes, str, str | None]
 
 
 def parent(data: bytes, sequence_number: str = SEQ) -> Record:
@@ -361,40 +356,6 @@ def test_mixed_batch_keeps_order() -> None:
     assert result[0] is batch[0]
 
 
-# --- an independent reading, with aws-kinesis-agg's generated messages ------------------------------
-
-
-def reference(data: bytes) -> list[Entry] | None:
-    """The entries ``deaggregate`` must deliver for ``data``, or None if it is a plain record."""
-    body = data[4:-16]
-    if (
-        not data.startswith(MAGIC)
-        or len(data) <= 20
-        or hashlib.md5(body, usedforsecurity=False).digest() != data[-16:]
-    ):
-        return None
-    message = messages_pb2.AggregatedRecord()
-    try:
-        message.ParseFromString(body)
-    except DecodeError:
-        return None
-    keys, hash_keys = list(message.partition_key_table), list(message.explicit_hash_key_table)
-    if not message.IsInitialized() or not all(isinstance(k, str) for k in keys + hash_keys):
-        return None
-    if not all(k.isascii() and k.isdigit() and len(k) <= 39 and int(k) <= MAX_HASH_KEY for k in hash_keys):
-        return None
-    entries: list[Entry] = []
-    for sub in message.records:
-        has_hash_key = sub.HasField("explicit_hash_key_index")
-        if sub.partition_key_index >= len(keys) or (
-            has_hash_key and sub.explicit_hash_key_index >= len(hash_keys)
-        ):
-            return None
-        hash_key = hash_keys[sub.explicit_hash_key_index] if has_hash_key else None
-        entries.append((sub.data, keys[sub.partition_key_index], hash_key))
-    return entries
-
-
 def pb_varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
@@ -583,15 +544,4 @@ def test_one_corrupted_byte_never_raises(entries: list[Entry], data: st.DataObje
 
 
 def test_atheris_harness_runs_clean(tmp_path: Path) -> None:
-    if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris is not installed (it builds only for x86_64 CPython < 3.13)")
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "fuzz" / "fuzz_kpl.py"), "-runs=20000", "-seed=1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Done 20000 runs" in completed.stderr
+    run_harness("fuzz_kpl.py", tmp_path)
