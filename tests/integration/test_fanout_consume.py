@@ -82,6 +82,17 @@ class _StopsMidAggregate(RecordProcessorBase):
     delivered: list[Record] = []  # noqa: RUF012 - shared across the shard's instances on purpose
 
 
+async def _run_until(
+    kinesis: KinesisClient, stream: str, backing: MemoryBacking, config: ConsumerConfig, count: int
+) -> list[Record]:
+    """Run a worker until ``count`` records were delivered; return them."""
+    _StopsMidAggregate.delivered = []
+    store = MemoryLeaseStore("app", backing=backing)
+    consumer = AsyncConsumer(stream, "app", _StopsMidAggregate, store=store, client=kinesis, config=config)
+    await consume_until(consumer, lambda: len(_StopsMidAggregate.delivered) >= count)
+    return _StopsMidAggregate.delivered
+
+
 @pytest.mark.parametrize("retrieval", ["polling", "fanout"])
 async def test_kpl_aggregates_are_expanded_and_a_restart_resumes_inside_one(
     kinesis: KinesisClient, new_stream: StreamFactory, retrieval: str
@@ -97,34 +108,14 @@ async def test_kpl_aggregates_are_expanded_and_a_restart_resumes_inside_one(
     assert (await kinesis.put_records(stream, entries)).failed_record_count == 0
     backing = MemoryBacking()
     config = _config(retrieval)
-    _StopsMidAggregate.delivered = []
-    consumer = AsyncConsumer(
-        stream,
-        "app",
-        _StopsMidAggregate,
-        store=MemoryLeaseStore("app", backing=backing),
-        client=kinesis,
-        config=config,
-    )
-    await consume_until(consumer, lambda: len(_StopsMidAggregate.delivered) >= 300)
-    first = _StopsMidAggregate.delivered
+    first = await _run_until(kinesis, stream, backing, config, 300)
     assert [json.loads(r.data)["n"] for r in first] == list(range(300))
     assert [r.sub_sequence_number for r in first[:101]] == [*range(100), 0]
     assert {r.partition_key for r in first} == {f"k{i}" for i in range(100)}
     checkpointed = first[136]
     assert checkpointed.sub_sequence_number == 36
 
-    _StopsMidAggregate.delivered = []
-    again = AsyncConsumer(
-        stream,
-        "app",
-        _StopsMidAggregate,
-        store=MemoryLeaseStore("app", backing=backing),
-        client=kinesis,
-        config=config,
-    )
-    await consume_until(again, lambda: len(_StopsMidAggregate.delivered) >= 163)
-    resumed = _StopsMidAggregate.delivered
+    resumed = await _run_until(kinesis, stream, backing, config, 163)
     assert [json.loads(r.data)["n"] for r in resumed] == list(range(137, 300))  # inside aggregate 2
     assert resumed[0].sequence_number == checkpointed.sequence_number
     assert resumed[0].sub_sequence_number == 37
