@@ -141,8 +141,11 @@ class NoSleep:
         self.delays.append(delay)
 
 
-@pytest.fixture
-async def make_transport(server: ScriptedServer) -> AsyncIterator[Callable[..., JsonTransport]]:
+@pytest.fixture(params=["builtin", "aiohttp"])
+async def make_transport(
+    server: ScriptedServer, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., JsonTransport]]:
+    """Transports on either HTTP client: every test here holds for both."""
     made: list[JsonTransport] = []
 
     def factory(
@@ -159,7 +162,7 @@ async def make_transport(server: ScriptedServer) -> AsyncIterator[Callable[..., 
             credentials=credentials
             or CredentialsProvider.static(*dataclasses.astuple(CREDS), region="us-east-1"),
             endpoint_url=endpoint_url or server.url,
-            options=options,
+            options=dataclasses.replace(options or TransportOptions(), http_client=request.param),
             sleep=sleep or NoSleep(),
             rand=rand,
         )
