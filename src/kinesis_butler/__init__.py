@@ -3,7 +3,7 @@
 The public surface is what ``__all__`` lists; everything else is private and may change.
 """
 
-from kinesis_butler.config import ConsumerConfig
+from kinesis_butler.config import ConsumerConfig, ProducerConfig
 from kinesis_butler.consumer import AsyncConsumer, ShardStatus
 from kinesis_butler.errors import (
     AccessDenied,
@@ -18,6 +18,8 @@ from kinesis_butler.errors import (
     LeaseLost,
     ProcessorFailed,
     ProcessorImportError,
+    RecordFailed,
+    RecordRejected,
     ResourceNotFound,
     StaleLease,
     StoreError,
@@ -36,14 +38,16 @@ from kinesis_butler.processor import (
     ShardEndedInput,
     ShutdownRequestedInput,
 )
+from kinesis_butler.producer import AsyncProducer, PutHandle, PutResult
 from kinesis_butler.stores import LeaseStore, open_store
-from kinesis_butler.sync import Consumer
+from kinesis_butler.sync import Consumer, Producer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
     "AsyncConsumer",
+    "AsyncProducer",
     "AwsError",
     "ButlerError",
     "CheckpointError",
@@ -65,9 +69,15 @@ __all__ = [
     "ProcessRecordsInput",
     "ProcessorFailed",
     "ProcessorImportError",
+    "Producer",
+    "ProducerConfig",
+    "PutHandle",
+    "PutResult",
     "Record",
+    "RecordFailed",
     "RecordProcessor",
     "RecordProcessorBase",
+    "RecordRejected",
     "ResourceNotFound",
     "Shard",
     "ShardEndedInput",

@@ -14,7 +14,7 @@ import uuid
 
 from kinesis_butler.errors import ConfigError
 
-__all__ = ["ConsumerConfig", "default_worker_id", "env"]
+__all__ = ["ConsumerConfig", "ProducerConfig", "default_worker_id", "env"]
 
 
 _CONSUMER_NAME = re.compile(r"[a-zA-Z0-9_.-]{1,128}")
@@ -150,3 +150,92 @@ class ConsumerConfig:
     @property
     def effective_take_interval(self) -> float:
         return self.take_interval if self.take_interval is not None else self.failover_time / 3
+
+
+_MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProducerConfig:
+    """How a producer batches, aggregates and retries.
+
+    The PutRecords limits (API reference, 2026-11): at most 500 entries per call; a record's data
+    plus its partition key at most the stream's maximum record size (1 MiB by default, up to
+    10 MiB after UpdateMaxRecordSize); a request at most 10 MiB including partition keys (older
+    endpoints, and older docs, say 5 MiB: the default stays there).
+
+    Attributes:
+        linger: seconds a record may wait for others to fill a PutRecords call (KPL
+            ``RecordMaxBufferedTime``, 100 ms).
+        max_batch_records: entries per PutRecords call (1..500).
+        max_request_bytes: bytes of data and partition keys per PutRecords call (up to 10 MiB).
+        max_record_bytes: the stream's maximum record size: data + UTF-8 partition key (1 MiB by
+            default; up to 10 MiB for streams raised with UpdateMaxRecordSize).
+        max_buffered_records: records accepted but not yet written (or failed) before ``put``
+            waits: the back-pressure bound.
+        max_buffered_bytes: the same bound in bytes of data and partition keys.
+        max_in_flight: concurrent PutRecords calls.
+        ordered: keep each partition key's records in order across retries: at most one
+            PutRecords entry (a record or an aggregate) per key is in flight or awaiting a retry.
+            Without it a retried record, or a record in a concurrent call (``max_in_flight``
+            > 1), may land after later records of its key.
+        max_attempts: tries per entry before its records fail with ``RecordFailed``.
+        retry_base: first retry delay in seconds (full jitter, doubled per attempt).
+        retry_cap: the largest retry delay.
+        aggregate: pack small records of one predicted shard into KPL aggregated records.
+        aggregation_max_bytes: the most bytes of one aggregated record (KPL ``AggregationMaxSize``,
+            51,200 B); larger records are sent as they are.
+        shard_refresh_interval: the least seconds between two ListShards calls that refresh the
+            hash key -> shard map after a record landed on an unexpected shard.
+    """
+
+    linger: float = 0.1
+    max_batch_records: int = 500
+    max_request_bytes: int = 5 * _MIB
+    max_record_bytes: int = _MIB
+    max_buffered_records: int = 50_000
+    max_buffered_bytes: int = 64 * _MIB
+    max_in_flight: int = 8
+    ordered: bool = False
+    max_attempts: int = 10
+    retry_base: float = 0.1
+    retry_cap: float = 5.0
+    aggregate: bool = True
+    aggregation_max_bytes: int = 51_200
+    shard_refresh_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.linger >= 0:
+            raise ConfigError(f"linger must be >= 0, got {self.linger!r}")
+        for name in ("retry_base", "retry_cap", "shard_refresh_interval"):
+            _positive(name, getattr(self, name))
+        if not 1 <= self.max_batch_records <= 500:
+            raise ConfigError(
+                "max_batch_records must be within 1..500 (the PutRecords limit), "
+                f"got {self.max_batch_records}"
+            )
+        if not 1024 <= self.max_record_bytes <= 10 * _MIB:
+            raise ConfigError(
+                f"max_record_bytes must be within 1024..10485760 (1 KiB..10 MiB), got {self.max_record_bytes}"
+            )
+        if not self.max_record_bytes <= self.max_request_bytes <= 10 * _MIB:
+            raise ConfigError(
+                f"max_request_bytes must be within max_record_bytes ({self.max_record_bytes})..10485760 "
+                f"(the PutRecords limit), got {self.max_request_bytes}"
+            )
+        if self.max_buffered_records < 1:
+            raise ConfigError(f"max_buffered_records must be >= 1, got {self.max_buffered_records}")
+        if self.max_buffered_bytes < self.max_record_bytes:
+            raise ConfigError(
+                f"max_buffered_bytes must be >= max_record_bytes ({self.max_record_bytes}), "
+                f"got {self.max_buffered_bytes}"
+            )
+        if self.max_in_flight < 1:
+            raise ConfigError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if not 256 <= self.aggregation_max_bytes <= self.max_record_bytes:
+            raise ConfigError(
+                f"aggregation_max_bytes must be within 256..max_record_bytes ({self.max_record_bytes}), "
+                f"got {self.aggregation_max_bytes}"
+            )

@@ -8,7 +8,8 @@ that flag rather than lists of types.
 
     ButlerError
     ├── ConfigError                   bad configuration or user input (never retriable)
-    │   └── ProcessorImportError      a ``pkg.module:func`` path that does not import
+    │   ├── ProcessorImportError      a ``pkg.module:func`` path that does not import
+    │   └── RecordRejected            a producer's ``put`` refused a record (size, keys)
     ├── AwsError                      an AWS API call failed (carries operation, code, request id)
     │   ├── ResourceNotFound          stream / shard / table does not exist
     │   ├── ResourceInUse             stream is being created, deleted or resharded
@@ -18,6 +19,7 @@ that flag rather than lists of types.
     │   ├── Throttled                 ProvisionedThroughputExceeded, LimitExceeded, ... (retriable)
     │   ├── ServiceUnavailable        5xx from the service                              (retriable)
     │   ├── ConditionalCheckFailed    a DynamoDB conditional write lost
+    │   ├── RecordFailed              a produced record was not written (its entry's error code)
     │   └── EventStreamError          a SubscribeToShard event stream was malformed or cut short (retriable)
     ├── EndpointUnreachable           could not connect / timed out (retriable)
     │   └── ConnectionLost            an open connection or stream broke: RST_STREAM, GOAWAY, EOF (retriable)
@@ -48,6 +50,11 @@ class ConfigError(ButlerError):
 
 class ProcessorImportError(ConfigError):
     """A processor path like ``pkg.module:func`` could not be imported."""
+
+
+class RecordRejected(ConfigError):
+    """A producer refused a record at ``put``: too large, a partition key that is empty or over
+    256 characters, an invalid explicit hash key, data that is not bytes. Nothing else is lost."""
 
 
 class AwsError(ButlerError):
@@ -100,6 +107,15 @@ class InvalidArgument(AwsError):
 
 class AccessDenied(AwsError):
     """The credentials are not allowed to do this."""
+
+
+class RecordFailed(AwsError):
+    """A produced record was not written: a PutRecords entry failed with a non-retriable error
+    code, or its retries ran out. ``code`` is the entry's ``ErrorCode``; ``attempts`` the tries."""
+
+    def __init__(self, message: str, *, code: str, attempts: int) -> None:
+        super().__init__(message, operation="PutRecords", code=code)
+        self.attempts = attempts
 
 
 class ExpiredIterator(AwsError):

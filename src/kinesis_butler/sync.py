@@ -1,4 +1,4 @@
-"""Blocking facade: the same AsyncConsumer, run on a private event-loop thread.
+"""Blocking facades: the same AsyncConsumer and AsyncProducer, run on a private event-loop thread.
 
 No second copy of the logic: every method schedules a coroutine of the async core on the
 private loop and waits for it.
@@ -11,6 +11,10 @@ Example::
 
     with Consumer("orders", "billing", handle, store="sqlite:///billing.db") as consumer:
         consumer.wait()          # until Ctrl-C / consumer.stop() from another thread
+
+    with Producer("orders") as producer:
+        future = producer.put(b'{"id": 1}', "customer-7")   # blocks only while the buffer is full
+        shard_id, sequence_number, _ = future.result()
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from kinesis_butler.consumer import AsyncConsumer, ShardStatus
 from kinesis_butler.errors import ClosedError
 from kinesis_butler.models import Record
 from kinesis_butler.processor import IN_PROCESSOR
+from kinesis_butler.producer import AsyncProducer, PutHandle, PutResult
 
-__all__ = ["Consumer"]
+__all__ = ["Consumer", "Producer"]
 
 T = TypeVar("T")
 
@@ -161,3 +166,101 @@ async def _build(
 ) -> AsyncConsumer:
     # Built on the private loop so that its asyncio objects belong to that loop.
     return AsyncConsumer(stream, app, processor, **options)
+
+
+class Producer:
+    """A blocking producer. Takes the same arguments as :class:`AsyncProducer`.
+
+    ``put`` returns a :class:`concurrent.futures.Future` of the record's
+    :class:`~kinesis_butler.producer.PutResult`; it blocks only while the buffer is full.
+    Thread-safe: any thread may put.
+    """
+
+    def __init__(self, stream: str, **options: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kinesis-butler-producer", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._async: AsyncProducer | None = None
+        try:
+            self._async = self._call(_build_producer(stream, options))
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        if self._closed or self._loop.is_closed():
+            coro.close()
+            raise ClosedError("this producer was closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def producer(self) -> AsyncProducer:
+        """The async core this facade drives."""
+        if self._async is None:
+            raise ClosedError("this producer failed to start")
+        return self._async
+
+    def put(
+        self, data: bytes | bytearray | memoryview, partition_key: str, explicit_hash_key: str | None = None
+    ) -> Future[PutResult]:
+        """Accept one record (see :meth:`AsyncProducer.put`); blocks while the buffer is full.
+
+        Raises:
+            RecordRejected: the record is too large, or a key is invalid.
+            ClosedError: the producer is closed.
+        """
+        return self._call(_put(self.producer, data, partition_key, explicit_hash_key))
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Send everything accepted so far and wait until each record is written or failed."""
+        self._call(self.producer.flush(), timeout)
+
+    def close(self) -> None:
+        """Flush, stop and end the private loop thread. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if self._async is not None:
+                self._call(self._async.aclose())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+async def _build_producer(stream: str, options: dict[str, Any]) -> AsyncProducer:
+    # Built and started on the private loop, so that its asyncio objects belong to it.
+    return await AsyncProducer(stream, **options).start()
+
+
+async def _put(
+    producer: AsyncProducer, data: bytes | bytearray | memoryview, key: str, hash_key: str | None
+) -> Future[PutResult]:
+    handle = await producer.put(data, key, hash_key)
+    future: Future[PutResult] = Future()
+    future.set_running_or_notify_cancel()
+
+    def copy(done: PutHandle) -> None:
+        error = done.exception()
+        if error is None:
+            future.set_result(done.result())
+        else:
+            future.set_exception(error)
+
+    handle.add_done_callback(copy)
+    return future

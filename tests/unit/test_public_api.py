@@ -15,6 +15,13 @@ def test_all_lists_exactly_the_public_names() -> None:
         "LeaseLost",
         "open_store",
         "ordered_parallel",
+        "AsyncProducer",
+        "Producer",
+        "ProducerConfig",
+        "PutHandle",
+        "PutResult",
+        "RecordFailed",
+        "RecordRejected",
     } <= exported
     for name in exported:
         assert hasattr(kinesis_butler, name), name
@@ -38,6 +45,8 @@ def test_all_lists_exactly_the_public_names() -> None:
         "streams",
         "iteration",
         "parallel",
+        "producer",
+        "producer_batching",
     }
     assert public - modules == exported - {"__version__"}
 
