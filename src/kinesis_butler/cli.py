@@ -8,17 +8,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
+import io
+import json
 import logging
+import random
 import signal
 import sys
+import threading
+import time
 from collections.abc import Sequence
+from typing import cast
 
-from kinesis_butler.config import ConsumerConfig
+from kinesis_butler.aws import KinesisClient
+from kinesis_butler.config import ConsumerConfig, ProducerConfig
 from kinesis_butler.consumer import AsyncConsumer
-from kinesis_butler.errors import ButlerError, ConfigError
+from kinesis_butler.errors import ButlerError, ConfigError, RecordRejected, ResourceNotFound
 from kinesis_butler.models import StartPosition
 from kinesis_butler.parallel import ordered_parallel
 from kinesis_butler.processor import import_processor
+from kinesis_butler.producer import AsyncProducer, PutHandle
 from kinesis_butler.progress import ProgressBar
 from kinesis_butler.testing.emulator import KinesisEmulator
 
@@ -102,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         help="create a stream once the emulator is up (repeatable)",
     )
 
+    _add_produce_parser(commands)
+
     demo = commands.add_parser("demo", help="an end-to-end demo on the local emulator")
     demo.add_argument(
         "--records", type=int, default=3000, help="records to write per run (default %(default)s)"
@@ -111,7 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - one return per command
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -119,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_consume(args))
         if args.command == "local":
             return _local(args)
+        if args.command == "produce":
+            return asyncio.run(_produce(args))
         if args.command == "demo":
             from kinesis_butler.demo import run_demo  # noqa: PLC0415 - only the demo needs it
 
@@ -195,6 +209,215 @@ async def _consume(args: argparse.Namespace) -> int:
             print(f"kinesis-butler: error: {failure}", file=sys.stderr)
         return EXIT_SHARD_FAILED
     return 0
+
+
+# -- produce ----------------------------------------------------------------------------------
+
+
+def _add_produce_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    produce = commands.add_parser(
+        "produce", help="write stdin's lines to a stream, one record per line (see docs/cli.md)"
+    )
+    produce.add_argument("--stream", required=True, help="stream name")
+    keys = produce.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--partition-key-field",
+        metavar="F",
+        help="parse each line as a JSON object and use its field F as the partition key",
+    )
+    keys.add_argument("--random-key", action="store_true", help="a random partition key per record")
+    produce.add_argument(
+        "--aggregate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pack small records into KPL aggregated records (default: on)",
+    )
+    produce.add_argument(
+        "--ordered", action="store_true", help="keep each partition key's records in line order"
+    )
+    produce.add_argument("--endpoint-url", help="Kinesis endpoint override (e.g. the local emulator)")
+    produce.add_argument("--region", help="AWS region (default: the AWS config chain)")
+    produce.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+_READ_CHUNK = 1 << 16
+_READ_AHEAD = 16
+
+
+class _StdinReader:
+    """Reads stdin in a daemon thread (it may block forever on a terminal or an open pipe; a
+    signal must not wait for it): chunks, then ``b""`` at EOF, or the OSError that stopped it.
+    At most ``_READ_AHEAD`` chunks wait to be taken."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[bytes | BaseException] = asyncio.Queue()
+        self._slots = threading.Semaphore(_READ_AHEAD)
+        threading.Thread(target=self._run, name="produce-stdin", daemon=True).start()
+
+    def _run(self) -> None:
+        source = cast("io.BufferedReader", sys.stdin.buffer)
+        while True:
+            try:
+                chunk: bytes | BaseException = source.read1(_READ_CHUNK)
+            except (OSError, ValueError) as exc:  # ValueError: stdin is closed
+                chunk = exc
+            self._slots.acquire()
+            try:
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+            except RuntimeError:  # the loop is closed: the command is over
+                return
+            if not isinstance(chunk, bytes) or not chunk:
+                return
+
+    async def get(self) -> bytes | BaseException:
+        chunk = await self._queue.get()
+        self._slots.release()
+        return chunk
+
+
+class _KeyError(ValueError):
+    """A line that yields no partition key (reported with its line number, then skipped)."""
+
+
+def _key_of(line: bytes, args: argparse.Namespace) -> str:
+    if args.random_key:
+        return f"{random.getrandbits(128):032x}"
+    if args.partition_key_field is None:
+        return hashlib.md5(line, usedforsecurity=False).hexdigest()
+    field = args.partition_key_field
+    try:
+        document = json.loads(line)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _KeyError(f"not JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise _KeyError(f"not a JSON object, so it has no field {field!r}")
+    if field not in document:
+        raise _KeyError(f"no field {field!r}")
+    value = document[field]
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    raise _KeyError(f"field {field!r} is {type(value).__name__}, not a string or a number")
+
+
+class _ProduceRun:
+    """One ``produce`` run: stdin's lines into a producer, counting what became of each line."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.progress = None if args.quiet else ProgressBar(None)
+        self.written = self.failed = self.skipped = self.line_number = 0
+        self.read_error: BaseException | None = None
+        self.stopped_by: list[int] = []
+        self.stop = asyncio.Event()
+
+    def on_signal(self, signum: int) -> None:
+        self.stopped_by.append(signum)
+        self.stop.set()
+
+    def on_done(self, line_number: int, handle: PutHandle) -> None:
+        error = handle.exception()
+        if error is None:
+            self.written += 1
+            if self.progress:
+                self.progress.update(1)
+        else:
+            self.failed += 1
+            print(f"kinesis-butler: error: line {line_number}: not written: {error}", file=sys.stderr)
+
+    async def put_lines(self, producer: AsyncProducer, lines: list[bytes]) -> None:
+        for line in lines:
+            self.line_number += 1
+            try:
+                handle = await producer.put(line, _key_of(line, self.args))
+            except (_KeyError, RecordRejected) as exc:
+                self.skipped += 1
+                print(f"kinesis-butler: error: line {self.line_number}: skipped: {exc}", file=sys.stderr)
+                continue
+            handle.add_done_callback(functools.partial(self.on_done, self.line_number))
+            if self.stop.is_set():
+                return  # stop reading: what was accepted is flushed on close
+
+    async def feed(self, producer: AsyncProducer, reader: _StdinReader) -> None:
+        """Put every line until EOF, a read error or a signal."""
+        pending = b""
+        stop_wait = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not self.stop.is_set():
+                get = asyncio.ensure_future(reader.get())
+                await asyncio.wait({get, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():
+                    get.cancel()
+                    return
+                chunk = get.result()
+                if isinstance(chunk, BaseException):
+                    self.read_error = chunk
+                    return
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop() if chunk else b""
+                if not chunk and lines[-1] == b"":
+                    lines.pop()  # the input ended with a newline: no empty last record
+                await self.put_lines(producer, lines)
+                if not chunk:
+                    return
+        finally:
+            stop_wait.cancel()
+
+    def report(self, elapsed: float) -> int:
+        if self.read_error is not None:
+            print(
+                f"kinesis-butler: error: cannot read stdin after line {self.line_number}: {self.read_error}",
+                file=sys.stderr,
+            )
+        if self.stopped_by:
+            name = signal.Signals(self.stopped_by[0]).name
+            print(f"kinesis-butler: {name}: stopped reading after line {self.line_number}", file=sys.stderr)
+        rate = self.written / max(elapsed, 1e-6)
+        print(
+            f"produced {self.written} records to {self.args.stream} in {elapsed:.1f} s "
+            f"({rate:,.0f} records/s); {self.failed} failed; {self.skipped} skipped",
+            file=sys.stderr,
+        )
+        if self.failed:
+            return EXIT_SHARD_FAILED
+        if self.skipped or self.read_error is not None:
+            return EXIT_USER_ERROR
+        if self.stopped_by:
+            return 128 + self.stopped_by[0]
+        return 0
+
+
+async def _produce(args: argparse.Namespace) -> int:
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise ConfigError("there is no standard input to read lines from")
+    config = ProducerConfig(aggregate=args.aggregate, ordered=args.ordered)
+    run = _ProduceRun(args)
+    loop = asyncio.get_running_loop()
+    client = KinesisClient(region=args.region, endpoint_url=args.endpoint_url)
+    try:
+        try:
+            await client.describe_stream_summary(args.stream)
+        except ResourceNotFound:
+            raise ConfigError(
+                f"stream {args.stream!r} does not exist at this endpoint/region; "
+                "check --stream, --region and --endpoint-url"
+            ) from None
+        started = time.monotonic()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, run.on_signal, sig)
+        try:
+            async with AsyncProducer(args.stream, client=client, config=config) as producer:
+                await run.feed(producer, _StdinReader(loop))
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if run.progress:
+                run.progress.close()
+    finally:
+        await client.aclose()
+    return run.report(time.monotonic() - started)
 
 
 def _local(args: argparse.Namespace) -> int:
