@@ -187,6 +187,12 @@ class ProducerConfig:
             51,200 B); larger records are sent as they are.
         shard_refresh_interval: the least seconds between two ListShards calls that refresh the
             hash key -> shard map after a record landed on an unexpected shard.
+        spool_path: a SQLite file (one per stream, one producer at a time) where ``put`` commits
+            each record before it returns; records leave it once PutRecords wrote them, and
+            those left by a crash (even ``kill -9``) are sent first on the next start. ``None``:
+            no spool, buffered records die with the process.
+        spool_fsync: ``fsync`` the spool at every commit (SQLite ``synchronous=FULL``), so that
+            accepted records survive a power loss or an OS crash too, not only a process crash.
     """
 
     linger: float = 0.1
@@ -203,6 +209,8 @@ class ProducerConfig:
     aggregate: bool = True
     aggregation_max_bytes: int = 51_200
     shard_refresh_interval: float = 1.0
+    spool_path: str | None = None
+    spool_fsync: bool = False
 
     def __post_init__(self) -> None:
         if not self.linger >= 0:
@@ -234,6 +242,8 @@ class ProducerConfig:
             raise ConfigError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.spool_path is not None and not self.spool_path:
+            raise ConfigError("spool_path must be a file path, or None for no spool")
         if not 256 <= self.aggregation_max_bytes <= self.max_record_bytes:
             raise ConfigError(
                 f"aggregation_max_bytes must be within 256..max_record_bytes ({self.max_record_bytes}), "

@@ -14,6 +14,11 @@ or waiting for a retry; later records of the key wait in the queue. A failed ent
 it was before anything after it, so a key's records land in put order. With aggregation many
 records of a key share one entry, so the rule costs little; without it a hot key writes one record
 per round trip.
+
+Spool (``ProducerConfig.spool_path``): ``put`` returns once the record is committed to a SQLite
+file (:mod:`kinesis_butler.spool`); a record leaves the spool only once PutRecords wrote it. On
+start, records left there (by a crash, ``kill -9``, or records that failed) are queued before any
+new one, in their original order. A record written just before a crash may be sent twice.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from kinesis_butler.config import ProducerConfig
 from kinesis_butler.errors import AwsError, ButlerError, ClosedError, RecordFailed
 from kinesis_butler.models import Shard
 from kinesis_butler.producer_batching import Entry, Pending, PutResult, ShardMap, compose, validate_record
+from kinesis_butler.spool import AsyncSpool, SpoolError
 
 __all__ = ["AsyncProducer", "ProducerApi", "PutHandle", "PutResult"]
 
@@ -146,6 +152,8 @@ class AsyncProducer:
         self._refreshed_at = float("-inf")
         self._refresh_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
+        self._spool: AsyncSpool | None = None
+        self._spool_ids: dict[asyncio.Future[PutResult], int] = {}  # record -> its spool row
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -161,9 +169,48 @@ class AsyncProducer:
                         await self.aclose()  # closes a client we built
                         raise
                     self._refreshed_at = asyncio.get_running_loop().time()
+                if self.config.spool_path is not None:
+                    try:
+                        await self._open_spool(self.config.spool_path)
+                    except BaseException:
+                        await self.aclose()
+                        raise
                 self._runner = asyncio.create_task(self._run(), name=f"producer-{self.stream}")
                 self._state = _State.RUNNING
         return self
+
+    async def _open_spool(self, path: str) -> None:
+        """Open the spool and queue the records a previous run left there, first and in order."""
+        spool = await AsyncSpool.open(path, self.stream, fsync=self.config.spool_fsync)
+        try:
+            left = await spool.pending()
+        except BaseException:
+            await spool.aclose()
+            raise
+        self._spool = spool
+        loop = asyncio.get_running_loop()
+        for row in left:
+            try:
+                payload, size, hash_key = validate_record(
+                    row.data, row.partition_key, row.explicit_hash_key, self.config.max_record_bytes
+                )
+            except ButlerError as exc:
+                log.warning(
+                    "stream %s: spooled record %d not sent (kept in the spool): %s", self.stream, row.id, exc
+                )
+                continue
+            future: asyncio.Future[PutResult] = loop.create_future()
+            future.add_done_callback(_observe)
+            self._outstanding.add(future)
+            self._buffered_bytes += size
+            self._spool_ids[future] = row.id
+            self._enqueue(
+                Pending(payload, row.partition_key, row.explicit_hash_key, hash_key, size, future, 0.0)
+            )
+        if left:
+            log.info(
+                "stream %s: %d record(s) left in the spool %s are sent first", self.stream, len(left), path
+            )
 
     async def flush(self) -> None:
         """Send everything accepted so far at once and wait until each record is written or failed.
@@ -197,8 +244,12 @@ class AsyncProducer:
                 await asyncio.wait(tasks)
             for future in list(self._outstanding):  # only when the flush itself was cancelled
                 self._finish(future, ClosedError("the producer was closed before this record was written"))
-            if self._owns_client:
-                await self.client.aclose()
+            try:
+                if self._spool is not None:
+                    await self._spool.aclose()  # commits the last deletions
+            finally:
+                if self._owns_client:
+                    await self.client.aclose()
 
     async def __aenter__(self) -> AsyncProducer:
         return await self.start()
@@ -230,6 +281,7 @@ class AsyncProducer:
         Raises:
             RecordRejected: the record is too large, or a key is invalid.
             ClosedError: the producer is closing or closed.
+            SpoolError: the spool (``spool_path``) could not store the record; it was not accepted.
         """
         self._check_open()
         payload, size, hash_key = validate_record(
@@ -247,16 +299,38 @@ class AsyncProducer:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[PutResult] = loop.create_future()
         future.add_done_callback(_observe)
-        self._queue.append(
-            Pending(payload, partition_key, explicit_hash_key, hash_key, size, future, loop.time())
-        )
+        record = Pending(payload, partition_key, explicit_hash_key, hash_key, size, future, loop.time())
         self._outstanding.add(future)
         self._buffered_bytes += size
-        self._queued_bytes += size
-        self._wake.set()
+        if self._spool is None:
+            self._enqueue(record)
+        else:
+            # Queued by the commit's callback, in commit (= put) order, even if this caller is cancelled.
+            try:
+                committed = self._spool.append(payload, partition_key, explicit_hash_key)
+            except SpoolError as exc:
+                self._finish(future, exc, size)
+                raise
+            committed.add_done_callback(lambda done: self._spooled(record, done))
+            await asyncio.shield(committed)
         if len(self._queue) >= cfg.max_batch_records or self._queued_bytes >= cfg.max_request_bytes:
             await asyncio.sleep(0)  # a full batch waits: let the sender run even if the caller never yields
         return PutHandle(future)
+
+    def _enqueue(self, record: Pending) -> None:
+        self._queue.append(record)
+        self._queued_bytes += record.size
+        self._wake.set()
+
+    def _spooled(self, record: Pending, committed: asyncio.Future[int]) -> None:
+        if committed.cancelled() or committed.exception() is not None:
+            error = committed.exception() if not committed.cancelled() else None
+            self._finish(record.future, error or SpoolError("the spool write was cancelled"), record.size)
+            return
+        if record.future.done():  # the producer was closed meanwhile: the record stays in the spool
+            return
+        self._spool_ids[record.future] = committed.result()
+        self._enqueue(record)
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -428,6 +502,11 @@ class AsyncProducer:
     def _finish(
         self, future: asyncio.Future[PutResult], outcome: PutResult | BaseException, size: int = 0
     ) -> None:
+        if self._spool_ids:
+            row = self._spool_ids.pop(future, None)
+            # Only a written record leaves the spool; a failed one is sent again on the next start.
+            if row is not None and self._spool is not None and not isinstance(outcome, BaseException):
+                self._spool.mark_written((row,))
         if future in self._outstanding:
             self._outstanding.discard(future)
             self._buffered_bytes -= size

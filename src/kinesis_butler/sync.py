@@ -20,6 +20,8 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import atexit
+import signal
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
@@ -174,9 +176,18 @@ class Producer:
     ``put`` returns a :class:`concurrent.futures.Future` of the record's
     :class:`~kinesis_butler.producer.PutResult`; it blocks only while the buffer is full.
     Thread-safe: any thread may put.
+
+    Shutdown. ``close()`` (or leaving ``with``) flushes. A producer never closed is flushed at
+    interpreter exit by an ``atexit`` hook (a normal exit, ``sys.exit``, an uncaught exception,
+    Ctrl-C). SIGTERM is different: Python's default action for it ends the process at once, with
+    no ``atexit``, ``finally`` or flush. ``install_signal_handlers=True`` (main thread only, and
+    only where SIGTERM still has its default action) turns SIGTERM into ``SystemExit(143)``
+    raised in the main thread, so ``with`` blocks, ``finally`` and the ``atexit`` flush run; the
+    previous action is restored on ``close()``. Nothing flushes on ``kill -9``: for that use
+    ``ProducerConfig(spool_path=...)``, which keeps accepted records on disk for the next start.
     """
 
-    def __init__(self, stream: str, **options: Any) -> None:
+    def __init__(self, stream: str, *, install_signal_handlers: bool = False, **options: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="kinesis-butler-producer", daemon=True
@@ -184,11 +195,22 @@ class Producer:
         self._thread.start()
         self._closed = False
         self._async: AsyncProducer | None = None
+        self._previous_sigterm: Any = None
         try:
             self._async = self._call(_build_producer(stream, options))
         except BaseException:
             self.close()
             raise
+        # Holds the producer until it is closed: one dropped unclosed still flushes at exit.
+        atexit.register(self.close)
+        if install_signal_handlers:
+            self._install_sigterm()
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ClosedError("install_signal_handlers=True needs the producer built in the main thread")
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_exit)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         if self._closed or self._loop.is_closed():
@@ -222,6 +244,11 @@ class Producer:
         """Flush, stop and end the private loop thread. Idempotent."""
         if self._closed:
             return
+        atexit.unregister(self.close)
+        if self._previous_sigterm is not None and threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is _sigterm_to_exit:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
         try:
             if self._async is not None:
                 self._call(self._async.aclose())
@@ -241,6 +268,10 @@ class Producer:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _sigterm_to_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 async def _build_producer(stream: str, options: dict[str, Any]) -> AsyncProducer:

@@ -47,6 +47,7 @@ def test_all_lists_exactly_the_public_names() -> None:
         "parallel",
         "producer",
         "producer_batching",
+        "spool",
     }
     assert public - modules == exported - {"__version__"}
 
