@@ -10,6 +10,8 @@ It answers the operations a polling consumer needs, from bodies built once at st
 * ``GetShardIterator``: the iterator of the stream's kind.
 * ``DescribeStream``, ``DescribeStreamSummary``, ``ListShards``: an ``ACTIVE`` stream whose shard
   count and kind come from its name, ``replay-<kind>-<shards>`` (see :func:`stream_name`).
+* ``PutRecords``: every entry written to ``shardId-000000000000`` (one result per request entry,
+  counted by its ``"PartitionKey"`` member; see :func:`put_records_body`): for one-shard streams.
 
 The HTTP/1.1 server is a minimal ``asyncio.Protocol`` (keep-alive, ``Content-Length`` bodies,
 ``Expect: 100-continue``), much cheaper per request than a framework, so clients wait on it as
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import mmap
 import os
 import random
@@ -48,6 +51,7 @@ __all__ = [
     "build_bodies",
     "get_records_body",
     "iterator_for",
+    "put_records_body",
     "stream_name",
 ]
 
@@ -74,6 +78,7 @@ _OPERATIONS: Final = (
     "DescribeStream",
     "DescribeStreamSummary",
     "ListShards",
+    "PutRecords",
     "other",
 )
 _STREAM_RE: Final = re.compile(r"replay-([a-z0-9]+)-(\d+)")
@@ -138,6 +143,17 @@ def build_bodies(*, vary: bool = False) -> dict[str, list[bytes]]:
 
 
 # -- the canned non-GetRecords answers ---------------------------------------------------------
+
+
+@functools.cache
+def put_records_body(entries: int) -> bytes:
+    """The PutRecords answer for ``entries`` entries, all written to shard 0 (built once per count)."""
+    results = ",".join(
+        f'{{"SequenceNumber":"{_SEQUENCE_BASE + i * 8_796_093_022_208:056d}",'
+        '"ShardId":"shardId-000000000000"}'
+        for i in range(entries)
+    )
+    return f'{{"FailedRecordCount":0,"Records":[{results}]}}'.encode()
 
 
 def _shards(count: int) -> list[str]:
@@ -223,6 +239,8 @@ def answer(operation: str, body: bytes, bodies: dict[str, list[bytes]], turn: in
         if canned is None:
             return 400, b'{"__type":"InvalidArgumentException","message":"Invalid ShardIterator."}'
         return 200, canned[turn % len(canned)]
+    if operation == "PutRecords":  # both botocore and msgspec write the member as "PartitionKey"
+        return 200, put_records_body(body.count(b'"PartitionKey"'))
     handler = _STREAM_OPERATIONS.get(operation)
     if handler is None:
         return 400, f'{{"__type":"UnknownOperationException","message":"{operation}"}}'.encode()

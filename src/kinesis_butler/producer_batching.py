@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import hashlib
 import re
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Entry", "Pending", "PutResult", "ShardMap", "compose", "validate_record"]
 
+_md5: Final = hashlib.md5
 _HASH_KEY: Final = re.compile(r"0|[1-9][0-9]{0,38}")  # the API's ExplicitHashKey pattern
 
 
@@ -43,13 +45,33 @@ class PutResult(NamedTuple):
 
 
 def validate_record(
-    data: object, partition_key: object, explicit_hash_key: object, max_record_bytes: int
+    data: object,
+    partition_key: object,
+    explicit_hash_key: object,
+    max_record_bytes: int,
+    *,
+    hash_partition_key: bool = True,
 ) -> tuple[bytes, int, int]:
     """Check a record as PutRecords would; returns (data as bytes, its size, its hash key).
+
+    ``hash_partition_key=False`` (no aggregation: nothing predicts shards) skips the partition
+    key's MD5: the hash key is then 0 unless an explicit one is given.
 
     Raises:
         RecordRejected: naming what is wrong.
     """
+    # The common case first: bytes, an ASCII key (its length is its size), no explicit hash key.
+    if (
+        explicit_hash_key is None
+        and type(data) is bytes
+        and type(partition_key) is str
+        and 0 < len(partition_key) <= 256
+        and partition_key.isascii()
+        and (size := len(data) + len(partition_key)) <= max_record_bytes
+    ):
+        if not hash_partition_key:
+            return data, size, 0
+        return data, size, int.from_bytes(_md5(partition_key.encode(), usedforsecurity=False).digest(), "big")
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
@@ -76,7 +98,9 @@ def validate_record(
             f"record of {size} bytes (data {len(data)} + partition key {key_size}) exceeds "
             f"max_record_bytes ({max_record_bytes}, the stream's maximum record size)"
         )
-    return data, size, partition_key_hash(partition_key) if hash_key is None else hash_key
+    if hash_key is None:
+        hash_key = partition_key_hash(partition_key) if hash_partition_key else 0
+    return data, size, hash_key
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -139,12 +163,14 @@ _EMPTY: Final = Aggregator()  # size_with() of a record alone
 class _Open:
     """A non-empty aggregate being filled for one shard."""
 
-    __slots__ = ("aggregator", "records", "shard")
+    __slots__ = ("aggregator", "limit", "records", "shard")
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, limit: int, first: Pending) -> None:
         self.shard = shard
         self.aggregator = Aggregator()
         self.records: list[Pending] = []
+        # The aggregator's own limit: the entry's partition key (its first record's) counts too.
+        self.limit = limit - len(first.partition_key.encode())
 
     def add(self, record: Pending) -> None:
         self.aggregator.add(record.data, record.partition_key, record.explicit_hash_key)
@@ -205,7 +231,8 @@ def compose(  # noqa: PLR0912, PLR0915 - one pass over the queue, each branch a 
             skip()
             continue
         shard = shards.lookup(record.hash_key) if shards is not None else None
-        if shard is None or _wire_size(_EMPTY, record, None) > limit:
+        # A record of ``size`` bytes alone is at most 2 * size + 35 bytes on the wire: exact only if near.
+        if shard is None or (record.size * 2 + 40 > limit and _wire_size(_EMPTY, record, None) > limit):
             if where is not None:  # ordered: the key's earlier records are in an open aggregate
                 skip()
                 continue
@@ -217,7 +244,19 @@ def compose(  # noqa: PLR0912, PLR0915 - one pass over the queue, each branch a 
             taken += record.size
             continue
         agg = aggs.get(shard.shard_id)
-        if agg is not None:
+        if agg is not None and record.explicit_hash_key is None and (where is None or where is agg):
+            # The hot path: one call checks the aggregate's limit and the request's, and adds.
+            growth = agg.aggregator.add_within(record.data, key, agg.limit, max_bytes - used)
+            if growth < 0:
+                break
+            if growth:
+                agg.records.append(queue.popleft())
+                if holds is not None:
+                    placed[key] = agg
+                used += growth
+                taken += record.size
+                continue
+        elif agg is not None:
             grown = _wire_size(agg.aggregator, record, agg.records[0])
             if grown <= limit:
                 if where is not None and where is not agg:
@@ -244,7 +283,7 @@ def compose(  # noqa: PLR0912, PLR0915 - one pass over the queue, each branch a 
             entries.append(closed := _close(agg))
             if holds is not None:
                 placed.update(dict.fromkeys(closed.keys, _BLOCKED))
-        aggs[shard.shard_id] = fresh = _Open(shard)
+        aggs[shard.shard_id] = fresh = _Open(shard, limit, record)
         fresh.add(queue.popleft())
         placed[key] = fresh
         used += alone

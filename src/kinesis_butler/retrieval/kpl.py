@@ -244,12 +244,20 @@ _ONE_BYTE_VARINTS: Final = [bytes((value,)) for value in range(0x80)]
 def _varint(value: int) -> bytes:
     if value < 0x80:
         return _ONE_BYTE_VARINTS[value]
+    if value < 0x4000:  # indices and lengths of small records: two bytes
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# A sub-record's header (its tag, length, partition key index and data tag and length) by
+# (partition key index, data length): producers repeat both, so most headers are looked up, not built.
+_HEADERS: dict[tuple[int, int], bytes] = {}
+_MAX_HEADERS: Final = 1 << 16
 
 
 def _varint_size(value: int) -> int:
@@ -327,6 +335,41 @@ class Aggregator:
         self._body = body + len(header) + len(data)
         if self._first is None:
             self._first = (partition_key, explicit_hash_key)
+
+    def add_within(self, data: bytes, partition_key: str, limit: int, budget: int) -> int:
+        """Add an entry without an explicit hash key if it fits: ``size_with`` and ``add`` in one.
+
+        Returns the bytes the aggregate grew by; ``0`` (nothing added) when its size would exceed
+        ``limit``; ``-1`` (nothing added) when it fits ``limit`` but would grow by more than ``budget``.
+        """
+        pk_index = self._partition_keys.get(partition_key)
+        if pk_index is None:
+            encoded = partition_key.encode()
+            table_entry = b"\x0a" + _varint(len(encoded)) + encoded
+            pk_index = len(self._partition_keys)
+        else:
+            table_entry = b""
+        size = len(data)
+        header = _HEADERS.get((pk_index, size))
+        if header is None:
+            tail = b"\x08" + _varint(pk_index) + b"\x1a" + _varint(size)
+            header = b"\x1a" + _varint(len(tail) + size) + tail
+            if len(_HEADERS) >= _MAX_HEADERS:
+                _HEADERS.clear()
+            _HEADERS[pk_index, size] = header
+        growth = len(table_entry) + len(header) + size
+        if _OVERHEAD + self._body + growth > limit:
+            return 0
+        if growth > budget:
+            return -1
+        if table_entry:
+            self._partition_keys[partition_key] = pk_index
+            self._tables[0].append(table_entry)
+        self._records += (header, data)
+        self._body += growth
+        if self._first is None:
+            self._first = (partition_key, None)
+        return growth
 
     def routing_keys(self) -> tuple[str, str]:
         """(PartitionKey, ExplicitHashKey) to put it with: its first entry's, to land on that shard."""
