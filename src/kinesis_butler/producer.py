@@ -283,27 +283,30 @@ class AsyncProducer:
             ClosedError: the producer is closing or closed.
             SpoolError: the spool (``spool_path``) could not store the record; it was not accepted.
         """
-        self._check_open()
+        cfg = self.config
+        if self._state is not _State.RUNNING:
+            self._check_open()
         payload, size, hash_key = validate_record(
-            data, partition_key, explicit_hash_key, self.config.max_record_bytes
+            data, partition_key, explicit_hash_key, cfg.max_record_bytes, hash_partition_key=cfg.aggregate
         )
         if self._state is _State.NEW:
             await self.start()
-        cfg = self.config
-        while len(self._outstanding) >= cfg.max_buffered_records or (
-            self._outstanding and self._buffered_bytes + size > cfg.max_buffered_bytes
+        outstanding = self._outstanding
+        while len(outstanding) >= cfg.max_buffered_records or (
+            outstanding and self._buffered_bytes + size > cfg.max_buffered_bytes
         ):
             self._space.clear()
             await self._space.wait()
             self._check_open()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[PutResult] = loop.create_future()
-        future.add_done_callback(_observe)
         record = Pending(payload, partition_key, explicit_hash_key, hash_key, size, future, loop.time())
-        self._outstanding.add(future)
+        outstanding.add(future)
         self._buffered_bytes += size
         if self._spool is None:
-            self._enqueue(record)
+            self._queue.append(record)
+            self._queued_bytes += size
+            self._wake.set()
         else:
             # Queued by the commit's callback, in commit (= put) order, even if this caller is cancelled.
             try:
@@ -389,8 +392,9 @@ class AsyncProducer:
             room=(cfg.max_batch_records - len(batch), cfg.max_request_bytes - size),
         )
         self._queued_bytes -= taken_bytes
-        for entry in fresh:
-            self._holds.update(entry.keys)
+        if cfg.ordered:
+            for entry in fresh:
+                self._holds.update(entry.keys)
         return batch + fresh
 
     async def _send(self, batch: list[Entry]) -> None:
@@ -494,6 +498,8 @@ class AsyncProducer:
     # -- outcomes -----------------------------------------------------------------------------
 
     def _release(self, entry: Entry) -> None:
+        if not self.config.ordered:
+            return
         self._holds.subtract(entry.keys)
         for key in entry.keys:
             if self._holds[key] <= 0:
@@ -514,12 +520,25 @@ class AsyncProducer:
         if not future.done():
             if isinstance(outcome, BaseException):
                 future.set_exception(outcome)
+                future.exception()  # retrieved: a handle nobody awaits does not log at exit
             else:
                 future.set_result(outcome)
 
     def _succeed(self, entry: Entry, shard_id: str, sequence: str, written: list[bool] | None = None) -> None:
         """Resolve the entry's records (those flagged in ``written``, else all)."""
         self._release(entry)
+        if written is None and not self._spool_ids:  # the common case, inlined
+            outstanding, freed, aggregated = self._outstanding, 0, entry.aggregated
+            for index, record in enumerate(entry.records):
+                future = record.future
+                if future in outstanding:
+                    outstanding.discard(future)
+                    freed += record.size
+                if not future.done():
+                    future.set_result(PutResult(shard_id, sequence, index if aggregated else None))
+            self._buffered_bytes -= freed
+            self._space.set()
+            return
         for index, record in enumerate(entry.records):
             if written is None or written[index]:
                 sub = index if entry.aggregated else None
