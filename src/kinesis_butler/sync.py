@@ -39,6 +39,31 @@ __all__ = ["Consumer", "Producer"]
 T = TypeVar("T")
 
 
+class _LoopThread:
+    """A private event loop on a daemon thread, and blocking calls into it."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self.loop.is_closed()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None, what: str) -> T:
+        """Run ``coro`` on the loop and wait for its result (ClosedError once closed)."""
+        if self.loop.is_closed():
+            coro.close()
+            raise ClosedError(f"this {what} was closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
 class Consumer:
     """A blocking consumer. Takes the same arguments as :class:`AsyncConsumer`.
 
@@ -50,11 +75,8 @@ class Consumer:
     def __init__(
         self, stream: str | Sequence[str], app: str, processor: object = None, **options: Any
     ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="kinesis-butler-loop", daemon=True
-        )
-        self._thread.start()
+        self._thread = _LoopThread("kinesis-butler-loop")
+        self._loop = self._thread.loop
         self._run: Future[None] | None = None
         self._closed = False
         self._async: AsyncConsumer | None = None
@@ -65,10 +87,7 @@ class Consumer:
             raise
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._loop.is_closed():
-            coro.close()
-            raise ClosedError("this consumer was closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._thread.call(coro, timeout, "consumer")
 
     @property
     def consumer(self) -> AsyncConsumer:
@@ -132,9 +151,7 @@ class Consumer:
             return
         self._closed = True
         self.stop()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._thread.close()
 
     def checkpoint(self, record: Record) -> None:
         self._call(self.consumer.checkpoint(record))
@@ -188,11 +205,7 @@ class Producer:
     """
 
     def __init__(self, stream: str, *, install_signal_handlers: bool = False, **options: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="kinesis-butler-producer", daemon=True
-        )
-        self._thread.start()
+        self._thread = _LoopThread("kinesis-butler-producer")
         self._closed = False
         self._async: AsyncProducer | None = None
         self._previous_sigterm: Any = None
@@ -213,10 +226,10 @@ class Producer:
             self._previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_exit)
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-        if self._closed or self._loop.is_closed():
+        if self._closed:
             coro.close()
             raise ClosedError("this producer was closed")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._thread.call(coro, timeout, "producer")
 
     @property
     def producer(self) -> AsyncProducer:
@@ -254,9 +267,7 @@ class Producer:
                 self._call(self._async.aclose())
         finally:
             self._closed = True
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._thread.close()
 
     def __enter__(self) -> Producer:
         return self
