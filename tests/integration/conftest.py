@@ -10,9 +10,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from kinesis_butler.aws import AwsCredentials, KinesisClient, PutRecordsEntry
+from kinesis_butler.config import ConsumerConfig
 from kinesis_butler.errors import ResourceInUse, ResourceNotFound
 
 StreamFactory = Callable[[int], Awaitable[str]]
+
+# A worker that reads the emulator quickly (no real read quota there) and stops fast.
+FAST_CONSUMER = ConsumerConfig(
+    failover_time=3.0,
+    idle_poll_interval=0.1,
+    min_poll_interval=0.05,
+    shard_read_calls_per_second=1000.0,
+    shard_sync_interval=1.0,
+    take_interval=0.2,
+    shutdown_timeout=10,
+)
 DEADLINE = 20.0  # seconds any wait may take before the test fails
 
 

@@ -16,25 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from kinesis_butler import AsyncConsumer, ConsumerConfig
+from kinesis_butler import AsyncConsumer
 from kinesis_butler.aws import KinesisClient
 from kinesis_butler.models import Record
 from kinesis_butler.retrieval.kpl import deaggregate
 from kinesis_butler.testing.fake_put_endpoint import FakePutEndpoint
 from tests.helpers import Collector, consume_until, wait_until_async
-from tests.integration.conftest import StreamFactory
+from tests.integration.conftest import FAST_CONSUMER, StreamFactory
 
 pytestmark = pytest.mark.integration
 
-CONSUMER = ConsumerConfig(
-    failover_time=3.0,
-    idle_poll_interval=0.1,
-    min_poll_interval=0.05,
-    shard_read_calls_per_second=1000.0,
-    shard_sync_interval=1.0,
-    take_interval=0.2,
-    shutdown_timeout=10,
-)
+CONSUMER = FAST_CONSUMER
 COUNT, USERS = 600, 17
 
 

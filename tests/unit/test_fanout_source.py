@@ -255,7 +255,7 @@ def test_prefetched_events_are_charged_to_the_budget_and_returned() -> None:
         source = _source(subscriber, fake, budget=budget)
         await source.start(TRIM_HORIZON)
         await source.next_batch()
-        await asyncio.sleep(1)  # the next event waits in the queue, charged
+        await wait_until(lambda: not source._queue.empty(), what="the next event queued")
         held = budget.used
         await source.aclose()
         return held, budget.used
